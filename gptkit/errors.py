@@ -1,0 +1,31 @@
+"""Typed errors raised at gptkit's boundaries (files, configs, requests, data).
+
+The CLI prints any ``GptkitError`` as one line and exits non-zero; everything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class GptkitError(Exception):
+    """Base class for every error a user can cause and fix."""
+
+
+class ConfigError(GptkitError):
+    """A configuration value is unknown, malformed or out of range."""
+
+
+class CheckpointError(GptkitError):
+    """A checkpoint is missing, incomplete, corrupt or incompatible."""
+
+
+class DataError(GptkitError):
+    """A corpus or prepared data set is missing, empty, unreadable or malformed."""
+
+
+class TokenizerError(GptkitError):
+    """A tokenizer file is missing or malformed, or a token id is out of range."""
+
+
+class RequestError(GptkitError):
+    """A generation request is invalid (for example a prompt longer than the context)."""
