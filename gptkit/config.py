@@ -1,0 +1,357 @@
+"""Typed configuration: frozen dataclasses validated on construction, YAML recipes, dotted overrides.
+
+Precedence is defaults -> YAML file -> ``--section.field=value`` overrides. Unknown keys are errors,
+so a typo never silently falls back to a default. A checkpoint stores its resolved config as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from gptkit.errors import ConfigError
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{name}: {message}")
+
+
+def _positive(value: int | float, name: str) -> None:
+    _require(value > 0, name, f"must be > 0, got {value!r}")
+
+
+def _non_negative(value: int | float, name: str) -> None:
+    _require(value >= 0, name, f"must be >= 0, got {value!r}")
+
+
+def _choice(value: Any, name: str, allowed: tuple[Any, ...]) -> None:
+    _require(value in allowed, name, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape and parts of a decoder-only transformer.
+
+    The defaults give GPT-2's architecture (learned positions, LayerNorm, GELU MLP, full multi-head
+    attention, biases, tied embeddings). Each modern option is independent of the others.
+    """
+
+    vocab_size: int = 50257
+    block_size: int = 1024  # maximum context length in tokens
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # None: same as n_head (multi-head); 1: multi-query; between: grouped-query
+    d_model: int = 768
+    d_ff: int | None = None  # hidden width of the MLP; None: 4*d_model (gelu) or ~8/3*d_model (swiglu)
+    dropout: float = 0.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    position: Literal["learned", "rope"] = "learned"
+    rope_base: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    qk_norm: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+            _positive(getattr(self, name), f"model.{name}")
+        _require(
+            self.d_model % self.n_head == 0,
+            "model.d_model",
+            f"must be divisible by model.n_head ({self.n_head}); got {self.d_model}",
+        )
+        if self.n_kv_head is not None:
+            _positive(self.n_kv_head, "model.n_kv_head")
+            _require(
+                self.n_head % self.n_kv_head == 0,
+                "model.n_head",
+                f"must be divisible by model.n_kv_head ({self.n_kv_head}); got {self.n_head}",
+            )
+        if self.d_ff is not None:
+            _positive(self.d_ff, "model.d_ff")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
+        _choice(self.position, "model.position", ("learned", "rope"))
+        _choice(self.norm, "model.norm", ("layernorm", "rmsnorm"))
+        _choice(self.mlp, "model.mlp", ("gelu", "swiglu"))
+        _positive(self.rope_base, "model.rope_base")
+        _positive(self.norm_eps, "model.norm_eps")
+        _positive(self.init_std, "model.init_std")
+        if self.position == "rope":
+            _require(
+                self.head_dim % 2 == 0,
+                "model.d_model / model.n_head",
+                f"RoPE needs an even head dimension; got {self.d_model}/{self.n_head} = {self.head_dim}",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "gelu":
+            return 4 * self.d_model
+        # SwiGLU has three matrices instead of two: 2/3 of 4*d keeps the parameter count, rounded to 64.
+        return 64 * math.ceil(int(8 * self.d_model / 3) / 64)
+
+
+# --------------------------------------------------------------------------------------------
+# Data, training, sampling
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the corpus comes from and how it is tokenized."""
+
+    source: str = "shakespeare"  # "shakespeare" (built in), a .txt file, a folder of .txt files, or .jsonl
+    dir: str = "data/shakespeare-char"  # prepared token shards, meta.json and tokenizer.json live here
+    tokenizer: Literal["char", "bpe"] = "char"
+    vocab_size: int = 4096  # for "bpe" only; a char vocabulary is what the corpus contains
+    val_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        _choice(self.tokenizer, "data.tokenizer", ("char", "bpe"))
+        _require(self.vocab_size >= 257, "data.vocab_size", f"must be >= 257; got {self.vocab_size}")
+        _require(
+            0.0 < self.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1); got {self.val_fraction}"
+        )
+        _require(bool(self.source), "data.source", "must not be empty")
+        _require(bool(self.dir), "data.dir", "must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run: optimisation, schedule, evaluation and checkpointing."""
+
+    out_dir: str = "out/run"
+    max_steps: int = 2000
+    batch_size: int = 12  # sequences per micro-batch (per process)
+    grad_accum_steps: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    lr_decay_steps: int | None = None  # None: decay over max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 250
+    eval_batches: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 1000  # 0: only at the end
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_batches", "log_interval"):
+            _positive(getattr(self, name), f"train.{name}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_interval", "checkpoint_interval"):
+            _non_negative(getattr(self, name), f"train.{name}")
+        _positive(self.lr, "train.lr")
+        _non_negative(self.min_lr, "train.min_lr")
+        _require(self.min_lr <= self.lr, "train.min_lr", f"must be <= train.lr ({self.lr}); got {self.min_lr}")
+        if self.lr_decay_steps is not None:
+            _positive(self.lr_decay_steps, "train.lr_decay_steps")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, f"train.{name}", f"must be in [0, 1); got {value}")
+        _positive(self.eps, "train.eps")
+        _choice(self.device, "train.device", ("auto", "cpu", "cuda"))
+        _require(bool(self.out_dir), "train.out_dir", "must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """How to draw tokens from a model."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 means greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _non_negative(self.max_new_tokens, "max_new_tokens")
+        _non_negative(self.temperature, "temperature")
+        if self.top_k is not None:
+            _positive(self.top_k, "top_k")
+        if self.top_p is not None:
+            _require(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1]; got {self.top_p}")
+        _positive(self.repetition_penalty, "repetition_penalty")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError(f"stop: must be a list of non-empty strings; got {self.stop!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """A whole recipe, as written in a YAML file under configs/."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Building configs from dictionaries, YAML and overrides
+# --------------------------------------------------------------------------------------------
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+}
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Check ``value`` against a field's type; allow int where float is expected and list for tuple."""
+    origin = get_origin(annotation)
+    args = get_args(annotation)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}: must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if args and type(None) in args:  # Optional[X] written as X | None
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: must be a list; got {value!r}")
+        return tuple(_coerce(v, args[0], name) for v in value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: must be true or false; got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: must be an integer; got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: must be a number; got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: must be a string; got {value!r}")
+        return value
+    return value
+
+
+def build_dataclass(cls: type, values: dict[str, Any], section: str) -> Any:
+    """Construct ``cls`` from a plain dict, rejecting unknown keys and ill-typed values."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section}: must be a mapping of keys to values; got {values!r}")
+    hints = get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown key '{section}.{unknown[0]}'; allowed keys: {', '.join(allowed)}")
+    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
+    """Build a ModelConfig; the key ``preset`` starts from a named shape and the other keys override it."""
+    from gptkit.model.presets import preset_values  # presets are data that lives beside the model
+
+    values = dict(values)
+    preset = values.pop("preset", None)
+    base = preset_values(preset) if preset is not None else {}
+    return build_dataclass(ModelConfig, {**base, **values}, "model")
+
+
+def run_config_from_dict(values: dict[str, Any]) -> RunConfig:
+    if not isinstance(values, dict):
+        raise ConfigError(f"a recipe must be a mapping with sections {', '.join(_SECTIONS)}; got {values!r}")
+    unknown = sorted(set(values) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section '{unknown[0]}'; allowed sections: {', '.join(_SECTIONS)}")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        raw = values.get(name) or {}
+        sections[name] = model_config_from_dict(raw) if name == "model" else build_dataclass(cls, raw, name)
+    return RunConfig(**sections)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``--section.field=value`` (or without the dashes) into a key path and a YAML value."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise ConfigError(f"override {text!r} must look like --section.field=value")
+    key, raw = body.split("=", 1)
+    path = key.split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"override {text!r}: the key must be section.field, for example train.max_steps")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+    return path, value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping with sections {', '.join(_SECTIONS)}")
+    return data
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults, then the YAML recipe at ``path`` (if any), then dotted overrides."""
+    values: dict[str, Any] = load_yaml(path) if path is not None else {}
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown section '{section}' in {text!r}; allowed: {', '.join(_SECTIONS)}")
+        current = values.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"section '{section}' must be a mapping")
+        current[key] = value
+    return run_config_from_dict(values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-friendly dict of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(config)

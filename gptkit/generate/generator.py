@@ -1,0 +1,198 @@
+"""Autoregressive generation: prefill the prompt once, then decode one token per step with the KV cache.
+
+Two layers:
+- ``decode_tokens`` works on token ids for a batch and yields the next token of every row each step;
+- ``stream_text`` / ``generate_text`` work on strings for one prompt: they decode bytes incrementally
+  (so a multi-byte character split over tokens is never printed half), honour stop strings and
+  report why generation ended. This is the one place where text leaves the model.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from gptkit.config import SampleConfig
+from gptkit.errors import RequestError
+from gptkit.generate.sampling import apply_repetition_penalty, sample_next
+from gptkit.model.gpt import GPT
+from gptkit.tokenizer import Tokenizer
+
+
+@torch.inference_mode()
+def decode_tokens(
+    model: GPT,
+    prompt: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of each row, (B,), for ``max_new_tokens`` steps.
+
+    ``prompt`` is (B, T) with T >= 1 and T <= block_size. When the sequence reaches block_size the
+    context slides: the cache is rebuilt from the most recent three quarters of the window (a
+    recomputation, as nanoGPT's crop does on every step, but only once per quarter window).
+    """
+    block_size = model.config.block_size
+    batch_size, prompt_len = prompt.shape
+    if prompt_len == 0:
+        raise RequestError("prompt must contain at least one token")
+    if prompt_len > block_size:
+        raise RequestError(f"prompt is {prompt_len} tokens, longer than the model's context of {block_size} tokens")
+    if max_new_tokens <= 0:
+        return
+    device = model.token_embedding.weight.device
+    tokens = prompt.to(device)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(batch_size, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, tokens, True)
+
+    cache = model.new_kv_cache(batch_size, max_len=block_size)
+    context = tokens  # what the cache must hold before the next step; kept only for sliding
+    logits = model(tokens, kv_cache=cache, last_only=True)[:, -1]  # (B, V)
+    for step in range(max_new_tokens):
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        next_token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        yield next_token
+        if step == max_new_tokens - 1:
+            break
+        if seen is not None:
+            seen.scatter_(1, next_token[:, None], True)
+        context = torch.cat([context, next_token[:, None]], dim=1)
+        if cache.uniform_length == block_size:
+            keep = max(1, (3 * block_size) // 4)
+            context = context[:, -keep:]
+            cache.reset()
+            logits = model(context, kv_cache=cache, last_only=True)[:, -1]
+        else:
+            logits = model(next_token[:, None], kv_cache=cache, last_only=True)[:, -1]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation: the new text, its token ids, and why it ended."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "length" (max_new_tokens), "stop" (a stop string) or "eot" (end-of-text token)
+
+
+class _TextStream:
+    """Turns token ids into text pieces: incremental UTF-8 decoding and stop-string hold-back."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""  # decoded but not yet emitted: it might be the start of a stop string
+        self.emitted: list[str] = []
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that is now safe to show (possibly empty)."""
+        self.pending += self.decoder.decode(self.tokenizer.token_bytes(token_id))
+        for stop in self.stop:
+            index = self.pending.find(stop)
+            if index >= 0:
+                self.stopped = True
+                return self._emit(self.pending[:index])
+        # Hold back the longest tail that is a prefix of some stop string.
+        hold = 0
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        return self._emit(self.pending[: len(self.pending) - hold], keep=self.pending[len(self.pending) - hold :])
+
+    def finish(self) -> str:
+        """Flush what is left at the end (an incomplete UTF-8 tail becomes U+FFFD)."""
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.decode(b"", final=True)
+        return self._emit(self.pending)
+
+    def _emit(self, text: str, keep: str = "") -> str:
+        self.pending = keep
+        if text:
+            self.emitted.append(text)
+        return text
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[int]:
+    """Token ids of ``prompt``; an empty prompt starts from the end-of-text token, as GPT-2 does."""
+    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+    if len(ids) > block_size:
+        raise RequestError(
+            f"prompt is {len(ids)} tokens, longer than the model's context of {block_size} tokens"
+        )
+    return ids
+
+
+def stream_text(
+    model: GPT, tokenizer: Tokenizer, prompt: str, sample: SampleConfig | None = None
+) -> Iterator[str]:
+    """Yield pieces of generated text as they become final. Its ``Completion`` is the return value
+    of the generator (``StopIteration.value``); ``generate_text`` collects it for you."""
+    sample = sample or SampleConfig()
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise RequestError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
+        )
+    ids = encode_prompt(tokenizer, prompt, model.config.block_size)
+    generator = None
+    if sample.seed is not None:
+        generator = torch.Generator(device=model.token_embedding.weight.device).manual_seed(sample.seed)
+    text = _TextStream(tokenizer, sample.stop)
+    new_ids: list[int] = []
+    finish_reason = "length"
+    steps = decode_tokens(
+        model,
+        torch.tensor([ids], dtype=torch.long),
+        max_new_tokens=sample.max_new_tokens,
+        temperature=sample.temperature,
+        top_k=sample.top_k,
+        top_p=sample.top_p,
+        repetition_penalty=sample.repetition_penalty,
+        generator=generator,
+    )
+    for next_token in steps:
+        token_id = int(next_token[0])
+        if token_id == tokenizer.eot_id:
+            finish_reason = "eot"
+            break
+        if token_id >= tokenizer.vocab_size:
+            continue  # a padded vocabulary's unused ids carry no text
+        new_ids.append(token_id)
+        piece = text.push(token_id)
+        if piece:
+            yield piece
+        if text.stopped:
+            finish_reason = "stop"
+            break
+    steps.close()
+    tail = text.finish()
+    if tail:
+        yield tail
+    return Completion(text="".join(text.emitted), token_ids=new_ids, finish_reason=finish_reason)
+
+
+def generate_text(
+    model: GPT, tokenizer: Tokenizer, prompt: str, sample: SampleConfig | None = None
+) -> Completion:
+    """Generate a completion of ``prompt`` in one call (see ``stream_text`` for streaming)."""
+    stream = stream_text(model, tokenizer, prompt, sample)
+    while True:
+        try:
+            next(stream)
+        except StopIteration as done:
+            return done.value

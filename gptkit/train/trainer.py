@@ -1,0 +1,264 @@
+"""One Trainer for every recipe: it takes a model, a source of batches and a loss function.
+
+Pretraining passes ``causal_lm_loss``; finetuning recipes pass their own loss (masked SFT loss,
+classification loss) and their own batches, and get the same schedule, accumulation, clipping,
+evaluation, metrics log and exact-resume checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptkit.checkpoint import WEIGHTS_FILE, load_model_weights
+from gptkit.config import TrainConfig
+from gptkit.fileio import atomic_write_text
+from gptkit.train.checkpointing import load_training_state, save_training_checkpoint
+from gptkit.train.optim import build_optimizer
+from gptkit.train.schedule import learning_rate
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+class BatchSource(Protocol):
+    """What the trainer needs from a data loader: batches and a resumable position."""
+
+    def next_batch(self) -> Batch: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy; batch = (inputs, targets), both (B, T) token ids."""
+    inputs, targets = batch
+    logits = model(inputs)  # (B, T, V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    step: int  # steps completed, counting this one
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens_per_second: float
+    val_loss: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    steps: int
+    final_loss: float
+    final_val_loss: float | None
+    tokens_per_second: float
+    seconds: float
+
+
+class Trainer:
+    """Runs optimisation steps from ``start_step`` to ``config.max_steps``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        *,
+        train_batches: BatchSource,
+        val_batches: Sequence[Batch] = (),
+        loss_fn: LossFn = causal_lm_loss,
+        out_dir: str | Path | None = None,
+        run_config: dict[str, Any] | None = None,
+        tokenizer_path: Path | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.model = model.to(device)
+        self.config = config
+        self.train_batches = train_batches
+        self.val_batches = list(val_batches)
+        self.loss_fn = loss_fn
+        self.device = torch.device(device)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.run_config = run_config or {}
+        self.tokenizer_path = tokenizer_path
+        self.optimizer = build_optimizer(self.model, config)
+        self.step = 0
+        # The compiled module shares parameters with self.model; checkpoints save self.model.
+        self.forward_model: nn.Module = torch.compile(self.model) if config.compile else self.model
+
+    # ------------------------------------------------------------------ paths
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.out_dir / "checkpoint" if self.out_dir is not None else None
+
+    @property
+    def metrics_path(self) -> Path | None:
+        return self.out_dir / "metrics.jsonl" if self.out_dir is not None else None
+
+    # ------------------------------------------------------------------ resume
+
+    def resume(self, checkpoint_dir: str | Path) -> None:
+        """Continue from a checkpoint: weights, optimizer, RNG, data position and step."""
+        directory = Path(checkpoint_dir)
+        load_model_weights(self.model, directory / WEIGHTS_FILE)
+        state = load_training_state(directory, self.optimizer)
+        self.train_batches.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self._truncate_metrics(self.step)
+        logger.info("resumed from %s at step %d", directory, self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric records written after the checkpoint, so the log reads as one run."""
+        path = self.metrics_path
+        if path is None or not path.exists():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [line for line in kept if json.loads(line).get("step", 0) <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    # ------------------------------------------------------------------ loop
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over the validation batches (the same batches every time)."""
+        if not self.val_batches:
+            return None
+        self.model.eval()
+        losses = [
+            float(self.loss_fn(self.forward_model, (x.to(self.device), y.to(self.device))))
+            for x, y in self.val_batches
+        ]
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over grad_accum_steps micro-batches; returns (loss, grad norm)."""
+        config = self.config
+        lr = learning_rate(self.step, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total_loss = 0.0
+        for _ in range(config.grad_accum_steps):
+            x, y = self.train_batches.next_batch()
+            loss = self.loss_fn(self.forward_model, (x.to(self.device), y.to(self.device)))
+            (loss / config.grad_accum_steps).backward()
+            total_loss += float(loss.detach()) / config.grad_accum_steps
+        if config.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip))
+        else:
+            grad_norm = float(
+                torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])
+                )
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total_loss, grad_norm
+
+    def fit(self, on_step: Callable[[StepMetrics], None] | None = None) -> TrainSummary:
+        """Train until ``max_steps``; evaluate, log and checkpoint on the configured intervals."""
+        config = self.config
+        self.model.train()
+        start = time.perf_counter()
+        start_step = self.step
+        tokens_per_step = 0
+        loss = math.nan
+        val_loss: float | None = None
+        window_start, window_tokens = time.perf_counter(), 0
+        while self.step < config.max_steps:
+            loss, grad_norm = self.train_step()
+            if not math.isfinite(loss):
+                logger.warning("step %d: loss is %s", self.step, loss)
+            if tokens_per_step == 0:
+                x_shape = self.train_batches_shape()
+                tokens_per_step = x_shape[0] * x_shape[1] * config.grad_accum_steps
+            window_tokens += tokens_per_step
+            now = time.perf_counter()
+            tokens_per_second = window_tokens / max(now - window_start, 1e-9)
+
+            is_last = self.step == config.max_steps
+            val_loss = None
+            if (config.eval_interval and self.step % config.eval_interval == 0) or is_last:
+                val_loss = self.evaluate()
+            metrics = StepMetrics(
+                step=self.step,
+                loss=loss,
+                lr=learning_rate(self.step - 1, config),
+                grad_norm=grad_norm,
+                tokens_per_second=tokens_per_second,
+                val_loss=val_loss,
+            )
+            if self.step % config.log_interval == 0 or val_loss is not None or is_last:
+                self._log(metrics)
+                window_start, window_tokens = time.perf_counter(), 0
+            if (config.checkpoint_interval and self.step % config.checkpoint_interval == 0) or is_last:
+                self.save_checkpoint()
+            if on_step is not None:
+                on_step(metrics)
+        seconds = time.perf_counter() - start
+        steps_done = self.step - start_step
+        return TrainSummary(
+            steps=self.step,
+            final_loss=loss,
+            final_val_loss=val_loss,
+            tokens_per_second=steps_done * tokens_per_step / max(seconds, 1e-9),
+            seconds=seconds,
+        )
+
+    def train_batches_shape(self) -> tuple[int, int]:
+        """(batch size, sequence length) of a micro-batch, for throughput accounting."""
+        batch_size = getattr(self.train_batches, "batch_size", self.config.batch_size)
+        block_size = getattr(self.train_batches, "block_size", 0)
+        return batch_size, block_size
+
+    def _log(self, metrics: StepMetrics) -> None:
+        record = {
+            "step": metrics.step,
+            "loss": metrics.loss,
+            "lr": metrics.lr,
+            "grad_norm": metrics.grad_norm,
+            "tokens_per_s": round(metrics.tokens_per_second, 1),
+        }
+        if metrics.val_loss is not None:
+            record["val_loss"] = metrics.val_loss
+        logger.info(
+            "step %d  loss %.4f%s  lr %.2e  %.0f tok/s",
+            metrics.step,
+            metrics.loss,
+            f"  val {metrics.val_loss:.4f}" if metrics.val_loss is not None else "",
+            metrics.lr,
+            metrics.tokens_per_second,
+        )
+        if self.metrics_path is not None:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(self) -> Path | None:
+        directory = self.checkpoint_dir
+        if directory is None:
+            return None
+        save_training_checkpoint(
+            directory,
+            model=self.model,  # type: ignore[arg-type]
+            optimizer=self.optimizer,
+            step=self.step,
+            run_config=self.run_config,
+            data_state=self.train_batches.state_dict(),
+            tokenizer_path=self.tokenizer_path,
+        )
+        logger.info("saved checkpoint at step %d to %s", self.step, directory)
+        return directory
