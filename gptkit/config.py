@@ -337,9 +337,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Defaults, then the YAML recipe at ``path`` (if any), then dotted overrides."""
-    values: dict[str, Any] = load_yaml(path) if path is not None else {}
+def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A copy of a recipe dict with ``--section.field=value`` overrides applied."""
     values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
     for text in overrides:
         (section, key), value = parse_override(text)
@@ -349,7 +348,13 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple
         if not isinstance(current, dict):
             raise ConfigError(f"section '{section}' must be a mapping")
         current[key] = value
-    return run_config_from_dict(values)
+    return values
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults, then the YAML recipe at ``path`` (if any), then dotted overrides."""
+    values: dict[str, Any] = load_yaml(path) if path is not None else {}
+    return run_config_from_dict(apply_overrides(values, overrides))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -1,0 +1,85 @@
+"""The small, stable Python API: load a model and its tokenizer, and generate text.
+
+    import gptkit
+    model = gptkit.load("out/shakespeare-char")          # gptkit checkpoint or Hugging Face GPT-2 dir
+    tokenizer = gptkit.load_tokenizer("out/shakespeare-char")
+    logits = model(torch.tensor([[1, 2, 3]]))             # (B, T, vocab)
+    print(gptkit.generate(model, tokenizer, "ROMEO:", max_new_tokens=100).text)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from gptkit.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_checkpoint_model
+from gptkit.config import SampleConfig
+from gptkit.errors import CheckpointError
+from gptkit.generate.generator import Completion, generate_text
+from gptkit.model.gpt import GPT
+from gptkit.tokenizer import Tokenizer
+from gptkit.tokenizer import load_tokenizer as _load_tokenizer_file
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """Accept a checkpoint directory or a run directory that holds ``checkpoint/``."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists() and (path / "checkpoint" / CONFIG_FILE).exists():
+        return path / "checkpoint"
+    return path
+
+
+def _is_hf_dir(path: Path) -> bool:
+    try:
+        return "model_type" in json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu") -> GPT:
+    """A model in eval mode from a gptkit checkpoint (or run) directory, or a Hugging Face GPT-2 /
+    Llama directory saved with ``save_pretrained``."""
+    directory = resolve_checkpoint_dir(path)
+    if directory.is_dir() and _is_hf_dir(directory):
+        from gptkit.model.hf import load_hf
+
+        return load_hf(directory).to(device).eval()
+    return load_checkpoint_model(directory, device=device)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a checkpoint or run directory, a prepared data directory, or a tokenizer.json."""
+    path = Path(path)
+    if path.is_dir():
+        path = resolve_checkpoint_dir(path)
+        if not (path / TOKENIZER_FILE).exists():
+            raise CheckpointError(f"no {TOKENIZER_FILE} in {path}")
+    return _load_tokenizer_file(path)
+
+
+def generate(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: tuple[str, ...] | list[str] = (),
+) -> Completion:
+    """Complete ``prompt``; returns a Completion with ``.text``, ``.token_ids`` and ``.finish_reason``."""
+    sample = SampleConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=tuple(stop),
+    )
+    return generate_text(model, tokenizer, prompt, sample)

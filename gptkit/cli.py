@@ -1,0 +1,268 @@
+"""The ``gptkit`` command line: prepare, train, generate, convert.
+
+Every verb takes ``--help``. Recipes are YAML files (see configs/) and any field can be overridden
+with ``--section.field=value``. A user mistake prints one line starting with "error:" and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+from gptkit.errors import ConfigError, GptkitError
+
+logger = logging.getLogger("gptkit")
+
+OVERRIDE_HELP = "override any recipe field, for example --train.max_steps=200 --model.n_layer=4"
+
+
+def _split_overrides(parser: argparse.ArgumentParser, extra: list[str]) -> list[str]:
+    """Unknown arguments must be dotted overrides; anything else is a usage error."""
+    overrides = []
+    for arg in extra:
+        body = arg[2:] if arg.startswith("--") else ""
+        if "=" not in body or "." not in body.split("=", 1)[0]:
+            parser.error(f"unrecognized argument {arg!r} (overrides look like --section.field=value)")
+        overrides.append(arg)
+    return overrides
+
+
+# ---------------------------------------------------------------------------------- prepare
+
+
+def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+    from gptkit.config import load_run_config
+    from gptkit.data import prepare_dataset
+
+    config = load_run_config(args.config, overrides)
+    data = config.data
+    started = time.perf_counter()
+    meta = prepare_dataset(
+        data.source,
+        data.dir,
+        tokenizer=data.tokenizer,
+        vocab_size=data.vocab_size,
+        val_fraction=data.val_fraction,
+        progress=True,
+    )
+    splits = meta["splits"]
+    print(
+        f"prepared {data.source} -> {data.dir}: {meta['documents']} documents, vocabulary {meta['vocab_size']}, "
+        f"{splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens "
+        f"({meta['dtype']}) in {time.perf_counter() - started:.1f}s"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from gptkit.config import load_run_config
+    from gptkit.train import resume_run_config, run_training
+
+    config = load_run_config(args.config, overrides)
+    if args.resume:
+        config = resume_run_config(config, overrides)
+    bar = tqdm(total=config.train.max_steps, desc="train", unit="step", dynamic_ncols=True, disable=args.quiet)
+
+    def on_step(metrics) -> None:
+        if bar.n == 0 and metrics.step > 1:
+            bar.update(metrics.step - 1)  # resumed: jump to where the checkpoint was
+        bar.update(1)
+        postfix = {"loss": f"{metrics.loss:.4f}", "tok/s": f"{metrics.tokens_per_second:,.0f}"}
+        if metrics.val_loss is not None:
+            on_step.last_val = metrics.val_loss  # type: ignore[attr-defined]
+        if getattr(on_step, "last_val", None) is not None:
+            postfix["val"] = f"{on_step.last_val:.4f}"  # type: ignore[attr-defined]
+        bar.set_postfix(postfix, refresh=False)
+
+    with logging_redirect_tqdm():
+        summary = run_training(config, resume=args.resume, on_step=on_step, progress=not args.quiet)
+    bar.close()
+    val = f"{summary.final_val_loss:.4f}" if summary.final_val_loss is not None else "n/a"
+    print(
+        f"done: step {summary.steps}, train loss {summary.final_loss:.4f}, val loss {val}, "
+        f"{summary.tokens_per_second:,.0f} tokens/s, {summary.seconds:.0f}s; "
+        f"checkpoint in {Path(config.train.out_dir) / 'checkpoint'}"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------- generate
+
+
+def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
+    import torch
+
+    from gptkit.api import load, load_tokenizer
+    from gptkit.config import SampleConfig
+    from gptkit.generate import stream_text
+    from gptkit.generate.generator import encode_prompt
+
+    if overrides:
+        raise ConfigError(f"generate takes no recipe overrides; got {overrides[0]!r} (see gptkit generate --help)")
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1; got {args.num_samples}")
+    sample = SampleConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(args.checkpoint, device=device)
+    tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+    prompt = args.prompt
+    if args.prompt_file:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read --prompt-file {args.prompt_file}: {exc}") from None
+    encode_prompt(tokenizer, prompt, model.config.block_size)  # a bad prompt fails before anything prints
+    out = sys.stdout
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            out.write(f"--- sample {i + 1} ---\n")
+        out.write(prompt)
+        out.flush()
+        for piece in stream_text(model, tokenizer, prompt, sample):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        if sample.seed is not None:  # different samples, still reproducible
+            sample = dataclasses.replace(sample, seed=sample.seed + 1)
+    return 0
+
+
+# ---------------------------------------------------------------------------------- convert
+
+
+def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
+    from gptkit.api import load, resolve_checkpoint_dir
+    from gptkit.checkpoint import TOKENIZER_FILE, write_model_files
+    from gptkit.fileio import atomic_directory
+    from gptkit.model.hf import is_hf_directory, save_hf
+
+    if overrides:
+        raise ConfigError(f"convert takes no recipe overrides; got {overrides[0]!r}")
+    source = resolve_checkpoint_dir(args.source)
+    destination = Path(args.destination)
+    if destination.exists() and not args.force:
+        raise ConfigError(f"destination {destination} exists; pass --force to replace it")
+    target = args.to or ("gptkit" if is_hf_directory(source) else "hf")
+    model = load(source)
+    tokenizer = source / TOKENIZER_FILE
+    if target == "hf":
+        save_hf(model, destination, tokenizer_json_path=tokenizer if tokenizer.exists() else None)
+    else:
+        import shutil
+
+        with atomic_directory(destination) as tmp:
+            write_model_files(tmp, model)
+            if tokenizer.exists():
+                shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+    print(f"converted {source} -> {destination} ({target}, {model.num_parameters():,} parameters)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptkit",
+        description="Build, train and sample GPT-style language models.",
+        epilog="Run `gptkit <command> --help` for the options of each command.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", metavar="command", required=True)
+
+    prepare = commands.add_parser(
+        "prepare",
+        help="clean and tokenize a corpus into memory-mapped shards",
+        description="Tokenize data.source into token shards, meta.json and tokenizer.json under data.dir.",
+        epilog=OVERRIDE_HELP + ". Sources: shakespeare (built in), a .txt file, a folder of .txt files, a .jsonl "
+        "file with a text field.",
+    )
+    prepare.add_argument("config", nargs="?", help="YAML recipe (optional)")
+    prepare.set_defaults(func=cmd_prepare)
+
+    train = commands.add_parser(
+        "train",
+        help="train a model from a YAML recipe",
+        description="Train (preparing the data first if needed); checkpoints go to train.out_dir/checkpoint.",
+        epilog=OVERRIDE_HELP,
+    )
+    train.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/shakespeare-char.yaml")
+    train.add_argument("--resume", action="store_true", help="continue exactly from train.out_dir/checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    generate = commands.add_parser(
+        "generate",
+        help="sample text from a checkpoint, streaming to the terminal",
+        description="Generate from a gptkit checkpoint (or run directory) or a Hugging Face GPT-2 directory.",
+    )
+    generate.add_argument("checkpoint", help="checkpoint or run directory (e.g. out/shakespeare-char)")
+    generate.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    generate.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--repetition-penalty", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
+    generate.add_argument("--num-samples", type=int, default=1)
+    generate.add_argument("--tokenizer", help="tokenizer.json or a directory holding one (default: the checkpoint's)")
+    generate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    generate.set_defaults(func=cmd_generate)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert between gptkit checkpoints and Hugging Face directories",
+        description="gptkit checkpoint -> Hugging Face (GPT2LMHeadModel / LlamaForCausalLM) directory, or back.",
+    )
+    convert.add_argument("source", help="gptkit checkpoint/run directory or Hugging Face model directory")
+    convert.add_argument("destination", help="directory to write")
+    convert.add_argument("--to", choices=["hf", "gptkit"], help="target format (default: the other one)")
+    convert.add_argument("--force", action="store_true", help="replace an existing destination")
+    convert.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    subparser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    overrides = _split_overrides(subparser, extra)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args, overrides)
+    except GptkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""A pretraining run from a RunConfig: prepare the data if needed, build the model, train.
+
+This is what ``gptkit train`` calls; it is also the Python entry point for a recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gptkit.checkpoint import model_config_from_checkpoint, read_checkpoint_config
+from gptkit.config import RunConfig, TrainConfig, apply_overrides, run_config_from_dict, to_dict
+from gptkit.data import load_meta, prepare_dataset
+from gptkit.data.loader import BatchLoader, eval_batches
+from gptkit.errors import CheckpointError, ConfigError
+from gptkit.model.gpt import GPT
+from gptkit.train.trainer import StepMetrics, Trainer, TrainSummary
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda was asked for but this machine has no CUDA device; use cpu or auto")
+    return torch.device(name)
+
+
+def ensure_prepared(config: RunConfig, *, progress: bool = False) -> dict:
+    """Load the prepared data's metadata, preparing it first when the directory has none."""
+    data_dir = Path(config.data.dir)
+    if not (data_dir / "meta.json").exists():
+        logger.info("preparing %s into %s (%s tokenizer)", config.data.source, data_dir, config.data.tokenizer)
+        prepare_dataset(
+            config.data.source,
+            data_dir,
+            tokenizer=config.data.tokenizer,
+            vocab_size=config.data.vocab_size,
+            val_fraction=config.data.val_fraction,
+            progress=progress,
+        )
+    return load_meta(data_dir)
+
+
+def resume_run_config(config: RunConfig, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The run config stored in ``<out_dir>/checkpoint``, with the command line's overrides on top.
+
+    ``config`` only tells where the run lives (train.out_dir); everything else comes from the
+    checkpoint, so a resumed run continues with exactly the settings it started with.
+    """
+    checkpoint_dir = Path(config.train.out_dir) / "checkpoint"
+    if not checkpoint_dir.exists():
+        raise CheckpointError(f"nothing to resume: no checkpoint at {checkpoint_dir}")
+    stored = read_checkpoint_config(checkpoint_dir)
+    if not isinstance(stored.get("run"), dict):
+        raise CheckpointError(f"{checkpoint_dir} holds no training run config, so it cannot be resumed")
+    try:
+        run_config_from_dict(stored["run"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{checkpoint_dir}: stored run config is not valid ({exc})") from None
+    return run_config_from_dict(apply_overrides(stored["run"], overrides))
+
+
+def build_trainer(config: RunConfig, *, progress: bool = False) -> Trainer:
+    """Everything a run needs, wired together: data, model (vocabulary from the data), trainer."""
+    meta = ensure_prepared(config, progress=progress)
+    train_config: TrainConfig = config.train
+    torch.manual_seed(train_config.seed)
+    model_config = config.model
+    if model_config.vocab_size != meta["vocab_size"]:
+        # The vocabulary is the tokenizer's: a preset's 50257 would waste the head on unused rows.
+        model_config = dataclasses.replace(model_config, vocab_size=int(meta["vocab_size"]))
+    config = dataclasses.replace(config, model=model_config)
+    model = GPT(model_config)
+    logger.info("model: %s parameters", f"{model.num_parameters():,}")
+    data_dir = Path(config.data.dir)
+    train_batches = BatchLoader(
+        data_dir, "train", train_config.batch_size, model_config.block_size, seed=train_config.seed
+    )
+    val = eval_batches(data_dir, "val", train_config.batch_size, model_config.block_size, train_config.eval_batches)
+    return Trainer(
+        model,
+        train_config,
+        train_batches=train_batches,
+        val_batches=val,
+        out_dir=train_config.out_dir,
+        run_config=to_dict(config),
+        tokenizer_path=data_dir / "tokenizer.json",
+        device=resolve_device(train_config.device),
+    )
+
+
+def run_training(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    on_step: Callable[[StepMetrics], None] | None = None,
+    progress: bool = False,
+) -> TrainSummary:
+    """Train ``config``; with ``resume`` continue from ``<out_dir>/checkpoint`` exactly."""
+    trainer = build_trainer(config, progress=progress)
+    if resume:
+        checkpoint_dir = trainer.checkpoint_dir
+        assert checkpoint_dir is not None
+        if not checkpoint_dir.exists():
+            raise CheckpointError(f"nothing to resume: no checkpoint at {checkpoint_dir}")
+        stored = read_checkpoint_config(checkpoint_dir)
+        stored_model = model_config_from_checkpoint(stored, checkpoint_dir)
+        if stored_model != trainer.model.config:
+            diffs = [
+                f"model.{f.name} {getattr(stored_model, f.name)!r} -> {getattr(trainer.model.config, f.name)!r}"
+                for f in dataclasses.fields(stored_model)
+                if getattr(stored_model, f.name) != getattr(trainer.model.config, f.name)
+            ]
+            raise CheckpointError(f"cannot resume {checkpoint_dir}: the model config changed ({'; '.join(diffs)})")
+        trainer.resume(checkpoint_dir)
+        if trainer.step >= config.train.max_steps:
+            logger.info("checkpoint is already at step %d = train.max_steps; nothing to do", trainer.step)
+    return trainer.fit(on_step=on_step)
