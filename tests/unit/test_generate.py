@@ -1,0 +1,160 @@
+"""Sampling functions and text generation: top-k/top-p, repetition penalty, seeds, stop strings,
+streaming of multi-byte characters, and errors for bad requests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptkit.config import ModelConfig, SampleConfig
+from gptkit.errors import ConfigError, RequestError
+from gptkit.generate import (
+    apply_repetition_penalty,
+    filter_top_k,
+    filter_top_p,
+    generate_text,
+    sample_next,
+    stream_text,
+)
+from gptkit.model import GPT
+from gptkit.tokenizer import train_char_tokenizer
+
+CORPUS = "To be, or not to be, that is the question. Ünïcödé 日本語 🙂\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_char_tokenizer([CORPUS])
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=48, n_layer=2, n_head=2, d_model=32)
+    return GPT(config).eval()
+
+
+def test_top_k_keeps_exactly_k_largest() -> None:
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    kept = filter_top_k(logits, 2)
+    assert torch.isfinite(kept).tolist() == [[False, True, False, True, False]]
+
+
+def test_top_p_keeps_smallest_nucleus() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = torch.isfinite(filter_top_p(probs.log(), 0.7))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7 <= 0.8
+    kept = torch.isfinite(filter_top_p(probs.log(), 0.1))
+    assert kept.tolist() == [[True, False, False, False]]  # the top token always stays
+
+
+def test_repetition_penalty_lowers_seen_tokens_both_signs() -> None:
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_greedy_is_argmax_and_sampling_is_seeded() -> None:
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample_next(logits, temperature=0.0), logits.argmax(-1))
+    a = sample_next(logits, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    b = sample_next(logits, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    # top_k=1 is greedy whatever the temperature
+    assert torch.equal(sample_next(logits, temperature=5.0, top_k=1), logits.argmax(-1))
+
+
+def test_generate_is_reproducible_with_a_seed(model, tokenizer) -> None:
+    sample = SampleConfig(max_new_tokens=30, temperature=1.0, seed=7)
+    first = generate_text(model, tokenizer, "To be", sample)
+    second = generate_text(model, tokenizer, "To be", sample)
+    assert first == second
+    assert len(first.token_ids) == 30 or first.finish_reason != "length"
+    other = generate_text(model, tokenizer, "To be", SampleConfig(max_new_tokens=30, temperature=1.0, seed=8))
+    assert other.token_ids != first.token_ids
+
+
+def test_streamed_pieces_join_to_the_completion(model, tokenizer) -> None:
+    sample = SampleConfig(max_new_tokens=40, temperature=1.0, seed=1)
+    pieces = list(stream_text(model, tokenizer, "日本", sample))
+    assert "".join(pieces) == generate_text(model, tokenizer, "日本", sample).text
+
+
+class _ScriptedModel(GPT):
+    """A real GPT whose logits are overridden to emit a fixed token script (tests text handling)."""
+
+    def __init__(self, config: ModelConfig, script: list[int]) -> None:
+        super().__init__(config)
+        self.script = script
+
+    def forward(self, tokens, *, kv_cache=None, last_only=False):
+        logits = super().forward(tokens, kv_cache=kv_cache, last_only=last_only)
+        produced = int(kv_cache.lengths[0]) - self._prompt_len if kv_cache is not None else 0
+        target = self.script[min(produced, len(self.script) - 1)]
+        forced = torch.full_like(logits, -1e9)
+        forced[..., target] = 0.0
+        return forced
+
+
+def _scripted(tokenizer, text: str, prompt_len: int) -> _ScriptedModel:
+    ids = tokenizer.encode(text)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=1, d_model=8)
+    model = _ScriptedModel(config, ids).eval()
+    model._prompt_len = prompt_len
+    return model
+
+
+def test_stop_string_ends_generation_and_is_not_emitted(tokenizer) -> None:
+    prompt = "To"
+    model = _scripted(tokenizer, " be, or not to be", len(tokenizer.encode(prompt)))
+    sample = SampleConfig(max_new_tokens=40, temperature=0.0, stop=("not",))
+    pieces = list(stream_text(model, tokenizer, prompt, sample))
+    result = generate_text(model, tokenizer, prompt, sample)
+    assert result.text == " be, or "
+    assert "".join(pieces) == " be, or "
+    assert result.finish_reason == "stop"
+
+
+def test_unseen_multibyte_character_is_never_split_in_the_stream(tokenizer) -> None:
+    # "😀" is not in the training text: it becomes 4 byte-fallback tokens.
+    prompt = "To"
+    ids = tokenizer.encode("a😀b")
+    assert len(ids) == 6
+    model = _scripted(tokenizer, "a😀b", len(tokenizer.encode(prompt)))
+    pieces = list(stream_text(model, tokenizer, prompt, SampleConfig(max_new_tokens=6, temperature=0.0)))
+    assert "".join(pieces) == "a😀b"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_end_of_text_token_finishes(tokenizer) -> None:
+    model = _scripted(tokenizer, "ab", 1)
+    model.script = [tokenizer.encode("a")[0], tokenizer.eot_id]
+    result = generate_text(model, tokenizer, "T", SampleConfig(max_new_tokens=10, temperature=0.0))
+    assert result.text == "a"
+    assert result.finish_reason == "eot"
+
+
+def test_prompt_longer_than_context_is_a_request_error(model, tokenizer) -> None:
+    with pytest.raises(RequestError, match="prompt is 60 tokens, longer than the model's context of 48"):
+        generate_text(model, tokenizer, "x" * 60, SampleConfig(max_new_tokens=1))
+
+
+def test_empty_prompt_starts_a_new_document(model, tokenizer) -> None:
+    result = generate_text(model, tokenizer, "", SampleConfig(max_new_tokens=5, temperature=0.0))
+    assert result.finish_reason in {"length", "eot"}
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"temperature": -1.0}, "temperature: must be >= 0"),
+        ({"top_p": 1.5}, "top_p: must be in (0, 1]"),
+        ({"top_k": 0}, "top_k: must be > 0"),
+        ({"stop": ("",)}, "stop: must be a list of non-empty strings"),
+    ],
+)
+def test_bad_sampling_settings(fields: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        SampleConfig(**fields)
+    assert message in str(info.value)
