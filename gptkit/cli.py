@@ -66,27 +66,37 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from gptkit.config import load_run_config
-    from gptkit.train import resume_run_config, run_training
+    from gptkit.train import resume_run_config
+    from gptkit.train.run import start_run
 
     config = load_run_config(args.config, overrides)
     if args.resume:
         config = resume_run_config(config, overrides)
-    bar = tqdm(total=config.train.max_steps, desc="train", unit="step", dynamic_ncols=True, disable=args.quiet)
+    trainer = start_run(config, resume=args.resume, progress=not args.quiet)
+    bar = tqdm(
+        total=config.train.max_steps,
+        initial=trainer.step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=args.quiet,
+    )
+    last_val: list[float] = []
 
     def on_step(metrics) -> None:
-        if bar.n == 0 and metrics.step > 1:
-            bar.update(metrics.step - 1)  # resumed: jump to where the checkpoint was
         bar.update(1)
-        postfix = {"loss": f"{metrics.loss:.4f}", "tok/s": f"{metrics.tokens_per_second:,.0f}"}
         if metrics.val_loss is not None:
-            on_step.last_val = metrics.val_loss  # type: ignore[attr-defined]
-        if getattr(on_step, "last_val", None) is not None:
-            postfix["val"] = f"{on_step.last_val:.4f}"  # type: ignore[attr-defined]
+            last_val[:] = [metrics.val_loss]
+        postfix = {"loss": f"{metrics.loss:.4f}", "tok/s": f"{metrics.tokens_per_second:,.0f}"}
+        if last_val:
+            postfix["val"] = f"{last_val[0]:.4f}"
         bar.set_postfix(postfix, refresh=False)
 
-    with logging_redirect_tqdm():
-        summary = run_training(config, resume=args.resume, on_step=on_step, progress=not args.quiet)
-    bar.close()
+    try:
+        with logging_redirect_tqdm():
+            summary = trainer.fit(on_step=on_step)
+    finally:
+        bar.close()
     val = f"{summary.final_val_loss:.4f}" if summary.final_val_loss is not None else "n/a"
     print(
         f"done: step {summary.steps}, train loss {summary.final_loss:.4f}, val loss {val}, "

@@ -95,14 +95,8 @@ def build_trainer(config: RunConfig, *, progress: bool = False) -> Trainer:
     )
 
 
-def run_training(
-    config: RunConfig,
-    *,
-    resume: bool = False,
-    on_step: Callable[[StepMetrics], None] | None = None,
-    progress: bool = False,
-) -> TrainSummary:
-    """Train ``config``; with ``resume`` continue from ``<out_dir>/checkpoint`` exactly."""
+def start_run(config: RunConfig, *, resume: bool = False, progress: bool = False) -> Trainer:
+    """A trainer ready to ``fit``; with ``resume`` it continues from ``<out_dir>/checkpoint``."""
     trainer = build_trainer(config, progress=progress)
     if resume:
         checkpoint_dir = trainer.checkpoint_dir
@@ -121,4 +115,15 @@ def run_training(
         trainer.resume(checkpoint_dir)
         if trainer.step >= config.train.max_steps:
             logger.info("checkpoint is already at step %d = train.max_steps; nothing to do", trainer.step)
-    return trainer.fit(on_step=on_step)
+    return trainer
+
+
+def run_training(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    on_step: Callable[[StepMetrics], None] | None = None,
+    progress: bool = False,
+) -> TrainSummary:
+    """Train ``config`` to train.max_steps; with ``resume`` continue exactly from its checkpoint."""
+    return start_run(config, resume=resume, progress=progress).fit(on_step=on_step)

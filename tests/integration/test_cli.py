@@ -1,0 +1,149 @@
+"""The ``gptkit`` command line, run as a real process: the whole path from a text file to a
+sample and a Hugging Face export, and one-line errors (no traceback, nothing half-written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TEXT = "".join(f"ROMEO {i}: But soft, what light through yonder window breaks? It is the east.\n" for i in range(300))
+
+
+def gptkit(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "gptkit.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"gptkit {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    (root / "recipe.yaml").write_text(
+        "model: {n_layer: 2, n_head: 2, d_model: 32, block_size: 32}\n"
+        "data: {source: corpus.txt, dir: prepared}\n"
+        "train: {out_dir: run, max_steps: 30, batch_size: 8, eval_interval: 10, eval_batches: 2,"
+        " log_interval: 10, warmup_steps: 5, lr: 0.003}\n"
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(workdir: Path) -> Path:
+    result = gptkit("train", "recipe.yaml", "--quiet", cwd=workdir)
+    assert "val loss" in result.stdout
+    return workdir / "run"
+
+
+def test_every_command_has_help(tmp_path: Path) -> None:
+    for command in ("prepare", "train", "generate", "convert"):
+        result = gptkit(command, "--help", cwd=tmp_path)
+        assert "usage: gptkit " + command in result.stdout
+
+
+def test_prepare_writes_shards_and_metadata(workdir: Path) -> None:
+    result = gptkit("prepare", "recipe.yaml", "--data.dir=prepared-explicit", cwd=workdir)
+    assert "prepared corpus.txt" in result.stdout
+    meta = json.loads((workdir / "prepared-explicit" / "meta.json").read_text())
+    assert meta["dtype"] == "uint16" and meta["splits"]["val"]["tokens"] > 0
+
+
+def test_train_then_generate_streams_text(trained: Path, workdir: Path) -> None:
+    metrics = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 30 and "val_loss" in metrics[-1]
+    result = gptkit("generate", "run", "--prompt", "ROMEO", "--max-new-tokens", "40", "--seed", "1", cwd=workdir)
+    assert result.stdout.startswith("ROMEO") and len(result.stdout) > len("ROMEO") + 10
+
+
+def test_resume_extends_a_run(trained: Path, workdir: Path) -> None:
+    result = gptkit("train", "recipe.yaml", "--resume", "--quiet", "--train.max_steps=35",
+                    "--train.out_dir=run", cwd=workdir)
+    assert "step 35" in result.stdout
+    state = json.loads((trained / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 35
+
+
+def test_convert_to_hugging_face_and_back(trained: Path, workdir: Path) -> None:
+    pytest.importorskip("transformers")
+    gptkit("convert", "run", "hf-export", cwd=workdir)
+    assert (workdir / "hf-export" / "config.json").exists()
+    gptkit("convert", "hf-export", "back", cwd=workdir)
+    a = gptkit("generate", "run", "--prompt", "ROMEO", "--temperature", "0", "--max-new-tokens", "20", cwd=workdir)
+    b = gptkit("generate", "back", "--prompt", "ROMEO", "--temperature", "0", "--max-new-tokens", "20", cwd=workdir)
+    c = gptkit("generate", "hf-export", "--prompt", "ROMEO", "--temperature", "0", "--max-new-tokens", "20",
+               "--tokenizer", "run", cwd=workdir)
+    assert a.stdout == b.stdout == c.stdout
+    exists = gptkit("convert", "run", "hf-export", cwd=workdir, check=False)
+    assert_one_line_error(exists, "hf-export exists", "--force")
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    assert_one_line_error(gptkit("generate", "nowhere", cwd=tmp_path, check=False), "checkpoint not found: nowhere")
+
+
+def test_corrupt_checkpoint(trained: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((trained / "checkpoint" / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    assert_one_line_error(gptkit("generate", str(broken), cwd=tmp_path, check=False), "corrupt checkpoint weights")
+    (broken / "config.json").write_text("{not json")
+    assert_one_line_error(gptkit("generate", str(broken), cwd=tmp_path, check=False), "corrupt checkpoint config")
+
+
+def test_unknown_config_key(workdir: Path) -> None:
+    result = gptkit("train", "recipe.yaml", "--train.learning_rate=1", cwd=workdir, check=False)
+    assert_one_line_error(result, "unknown key 'train.learning_rate'", "allowed keys")
+
+
+def test_out_of_range_value(workdir: Path, tmp_path: Path) -> None:
+    result = gptkit("train", "recipe.yaml", "--model.dropout=2", f"--train.out_dir={tmp_path / 'x'}",
+                    cwd=workdir, check=False)
+    assert_one_line_error(result, "model.dropout: must be in [0, 1); got 2")
+    assert not (tmp_path / "x").exists()
+
+
+def test_prompt_longer_than_context(trained: Path, workdir: Path) -> None:
+    result = gptkit("generate", "run", "--prompt", "R" * 100, cwd=workdir, check=False)
+    assert_one_line_error(result, "prompt is 100 tokens", "context of 32 tokens")
+    assert result.stdout == ""
+
+
+def test_empty_corpus(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("  \n\n", encoding="utf-8")
+    result = gptkit("prepare", "--data.source=empty.txt", "--data.dir=out", cwd=tmp_path, check=False)
+    assert_one_line_error(result, "empty.txt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_corpus_file(tmp_path: Path) -> None:
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not utf-8")
+    result = gptkit("train", "--data.source=binary.txt", "--data.dir=out", "--train.out_dir=run",
+                    cwd=tmp_path, check=False)
+    assert_one_line_error(result, "binary.txt", "UTF-8")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+def test_not_a_recipe_file(tmp_path: Path) -> None:
+    assert_one_line_error(gptkit("train", "missing.yaml", cwd=tmp_path, check=False), "config file not found")
