@@ -161,6 +161,11 @@ class TrainConfig:
     log_interval: int = 10
     checkpoint_interval: int = 1000  # 0: only at the end
     seed: int = 1337
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for hidden matrices, AdamW for the rest
+    muon_momentum: float = 0.95
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = 0.2  # wsd: share of training spent decaying to min_lr
+    max_seconds: float | None = None  # wall-clock budget: stop when spent; the schedule follows the clock
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
 
@@ -179,6 +184,12 @@ class TrainConfig:
             _require(0.0 <= value < 1.0, f"train.{name}", f"must be in [0, 1); got {value}")
         _positive(self.eps, "train.eps")
         _choice(self.device, "train.device", ("auto", "cpu", "cuda"))
+        _choice(self.optimizer, "train.optimizer", ("adamw", "muon"))
+        _choice(self.schedule, "train.schedule", ("cosine", "wsd"))
+        _require(0.0 < self.decay_fraction <= 1.0, "train.decay_fraction", f"must be in (0, 1]; got {self.decay_fraction}")
+        _require(0.0 <= self.muon_momentum < 1.0, "train.muon_momentum", f"must be in [0, 1); got {self.muon_momentum}")
+        if self.max_seconds is not None:
+            _positive(self.max_seconds, "train.max_seconds")
         _require(bool(self.out_dir), "train.out_dir", "must not be empty")
 
 

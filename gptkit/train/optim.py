@@ -1,4 +1,4 @@
-"""Optimizer construction: AdamW with weight decay on matrices only."""
+"""Optimizer construction: AdamW with weight decay on matrices only, or Muon + AdamW."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from gptkit.config import TrainConfig
+from gptkit.train.muon import MuonWithAdamW
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -18,8 +19,31 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The 2-D weights inside the transformer blocks: what Muon orthogonalises. Embeddings and
+    the LM head stay with AdamW (their rows are looked up one token at a time, not mixed)."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        return []
+    return [p for p in blocks.parameters() if p.requires_grad and p.dim() == 2]
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; the fused kernel (one pass over all parameters) where this PyTorch has it."""
+    """AdamW (the fused kernel: one pass over all parameters), or Muon for hidden matrices."""
+    if config.optimizer == "muon":
+        muon_params = hidden_matrices(model)
+        muon_ids = {id(p) for p in muon_params}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in muon_ids]
+        return MuonWithAdamW(
+            [
+                {"params": muon_params, "use_muon": True, "lr": config.lr, "momentum": config.muon_momentum,
+                 "weight_decay": config.weight_decay},
+                {"params": [p for p in rest if p.dim() >= 2], "lr": config.lr, "weight_decay": config.weight_decay,
+                 "betas": (config.beta1, config.beta2), "eps": config.eps},
+                {"params": [p for p in rest if p.dim() < 2], "lr": config.lr, "weight_decay": 0.0,
+                 "betas": (config.beta1, config.beta2), "eps": config.eps},
+            ]
+        )
     return torch.optim.AdamW(
         parameter_groups(model, config.weight_decay),
         lr=config.lr,

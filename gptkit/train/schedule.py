@@ -1,4 +1,9 @@
-"""Learning-rate schedules as pure functions of the step."""
+"""Learning-rate schedules as pure functions of training progress.
+
+Warm-up is counted in steps. After it, ``progress`` runs from 0 to 1: by default the fraction of
+the steps up to ``lr_decay_steps`` (or max_steps); under a wall-clock budget (train.max_seconds)
+the trainer passes the fraction of the time used instead, so the decay ends when time runs out.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,26 @@ import math
 from gptkit.config import TrainConfig
 
 
-def cosine_lr(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at
-    ``lr_decay_steps`` (default: max_steps), then constant ``min_lr``."""
+def step_progress(step: int, config: TrainConfig) -> float:
+    """Fraction of the post-warm-up phase done at ``step`` (0..1, clamped)."""
     decay_steps = config.lr_decay_steps or config.max_steps
+    return min(1.0, max(0.0, (step - config.warmup_steps) / max(1, decay_steps - config.warmup_steps)))
+
+
+def learning_rate(step: int, config: TrainConfig, progress: float | None = None) -> float:
+    """The learning rate for ``step``: linear warm-up to ``lr``, then the configured decay to ``min_lr``.
+
+    - cosine: half a cosine from lr to min_lr over the whole post-warm-up phase;
+    - wsd (warm-up, stable, decay): constant lr, then a linear decay to min_lr over the last
+      ``decay_fraction`` of training (Hu et al., 2024), which lets a run be extended or cut short
+      without retuning.
+    """
     if step < config.warmup_steps:
         return config.lr * (step + 1) / (config.warmup_steps + 1)
-    if step >= decay_steps:
-        return config.min_lr
-    progress = (step - config.warmup_steps) / max(1, decay_steps - config.warmup_steps)
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
-
-
-def learning_rate(step: int, config: TrainConfig) -> float:
-    return cosine_lr(step, config)
+    p = step_progress(step, config) if progress is None else min(1.0, max(0.0, progress))
+    if config.schedule == "wsd":
+        decay_start = 1.0 - config.decay_fraction
+        if p <= decay_start:
+            return config.lr
+        return config.lr + (config.min_lr - config.lr) * (p - decay_start) / config.decay_fraction
+    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * p)) * (config.lr - config.min_lr)

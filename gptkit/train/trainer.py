@@ -94,6 +94,8 @@ class Trainer:
         self.tokenizer_path = tokenizer_path
         self.optimizer = build_optimizer(self.model, config)
         self.step = 0
+        self.train_seconds = 0.0  # wall-clock spent in fit() over all sessions of this run
+        self.current_lr = 0.0
         # The compiled module shares parameters with self.model; checkpoints save self.model.
         self.forward_model: nn.Module = torch.compile(self.model) if config.compile else self.model
 
@@ -116,6 +118,7 @@ class Trainer:
         state = load_training_state(directory, self.optimizer)
         self.train_batches.load_state_dict(state["data"])
         self.step = int(state["step"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         self._truncate_metrics(self.step)
         logger.info("resumed from %s at step %d", directory, self.step)
 
@@ -143,10 +146,17 @@ class Trainer:
         self.model.train()
         return sum(losses) / len(losses)
 
+    def time_progress(self) -> float | None:
+        """Fraction of the wall-clock budget used, or None when training is counted in steps."""
+        if self.config.max_seconds is None:
+            return None
+        return self.train_seconds / self.config.max_seconds
+
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over grad_accum_steps micro-batches; returns (loss, grad norm)."""
         config = self.config
-        lr = learning_rate(self.step, config)
+        lr = learning_rate(self.step, config, self.time_progress())
+        self.current_lr = lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total_loss = 0.0
@@ -173,13 +183,15 @@ class Trainer:
         config = self.config
         self.model.train()
         start = time.perf_counter()
+        seconds_before = self.train_seconds
         start_step = self.step
         tokens_per_step = 0
         loss = math.nan
         val_loss: float | None = None
         window_start, window_tokens = time.perf_counter(), 0
-        while self.step < config.max_steps:
+        while self.step < config.max_steps and not self._out_of_time():
             loss, grad_norm = self.train_step()
+            self.train_seconds = seconds_before + (time.perf_counter() - start)
             if not math.isfinite(loss):
                 logger.warning("step %d: loss is %s", self.step, loss)
             if tokens_per_step == 0:
@@ -189,14 +201,14 @@ class Trainer:
             now = time.perf_counter()
             tokens_per_second = window_tokens / max(now - window_start, 1e-9)
 
-            is_last = self.step == config.max_steps
+            is_last = self.step == config.max_steps or self._out_of_time()
             val_loss = None
             if (config.eval_interval and self.step % config.eval_interval == 0) or is_last:
                 val_loss = self.evaluate()
             metrics = StepMetrics(
                 step=self.step,
                 loss=loss,
-                lr=learning_rate(self.step - 1, config),
+                lr=self.current_lr,
                 grad_norm=grad_norm,
                 tokens_per_second=tokens_per_second,
                 val_loss=val_loss,
@@ -217,6 +229,9 @@ class Trainer:
             tokens_per_second=steps_done * tokens_per_step / max(seconds, 1e-9),
             seconds=seconds,
         )
+
+    def _out_of_time(self) -> bool:
+        return self.config.max_seconds is not None and self.train_seconds >= self.config.max_seconds
 
     def train_batches_shape(self) -> tuple[int, int]:
         """(batch size, sequence length) of a micro-batch, for throughput accounting."""
@@ -259,6 +274,7 @@ class Trainer:
             run_config=self.run_config,
             data_state=self.train_batches.state_dict(),
             tokenizer_path=self.tokenizer_path,
+            extra_state={"train_seconds": self.train_seconds},
         )
         logger.info("saved checkpoint at step %d to %s", self.step, directory)
         return directory

@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  `make quickstart` (set up, train, sample)  and  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.gptkit-installed
+
+.PHONY: setup quickstart test test-slow test-all benchmarks clean
+
+# A virtual environment with the CPU build of PyTorch 2.13 and gptkit (editable) with its extras.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Fetch the Shakespeare corpus, train the default small model on CPU, then print a sample.
+quickstart: $(STAMP)
+	$(BIN)/gptkit train configs/shakespeare-char.yaml
+	$(BIN)/gptkit generate out/shakespeare-char --prompt "ROMEO:" --max-new-tokens 300 --seed 1
+
+# The default test run (under 15 minutes on 2 cores); slow tests are a separate target.
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow -q || [ $$? -eq 5 ]  # 5: no slow tests selected
+
+test-all: test test-slow
+
+benchmarks: $(STAMP)
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/generate_throughput.py
+
+clean:
+	rm -rf out data .pytest_cache
