@@ -165,7 +165,8 @@ class TrainConfig:
     muon_momentum: float = 0.95
     schedule: Literal["cosine", "wsd"] = "cosine"
     decay_fraction: float = 0.2  # wsd: share of training spent decaying to min_lr
-    max_seconds: float | None = None  # wall-clock budget: stop when spent; the schedule follows the clock
+    # Wall-clock budget: stop when spent. The schedule then follows the clock, unless lr_decay_steps is set.
+    max_seconds: float | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
 

@@ -147,8 +147,9 @@ class Trainer:
         return sum(losses) / len(losses)
 
     def time_progress(self) -> float | None:
-        """Fraction of the wall-clock budget used, or None when training is counted in steps."""
-        if self.config.max_seconds is None:
+        """Fraction of the wall-clock budget used, or None when the schedule counts steps
+        (no budget, or lr_decay_steps given explicitly)."""
+        if self.config.max_seconds is None or self.config.lr_decay_steps is not None:
             return None
         return self.train_seconds / self.config.max_seconds
 

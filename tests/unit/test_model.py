@@ -193,3 +193,24 @@ def test_presets_are_valid_configs() -> None:
         assert isinstance(model_config_from_dict({"preset": name}), ModelConfig)
     with pytest.raises(ConfigError, match="unknown preset 'gpt5'"):
         model_config_from_dict({"preset": "gpt5"})
+
+
+def test_kv_cache_greedy_equals_recomputation_for_every_option_combination() -> None:
+    """All 192 combinations of position x norm x mlp x kv heads x bias x tying x QK-norm."""
+    import itertools
+
+    options = itertools.product(
+        ["learned", "rope"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"], [None, 2, 1], [True, False],
+        [True, False], [False, True],
+    )
+    prompt = torch.randint(0, 97, (2, 3), generator=torch.Generator().manual_seed(0))
+    for position, norm, mlp, kv_heads, bias, tied, qk_norm in options:
+        torch.manual_seed(0)
+        config = dataclasses.replace(
+            TINY, position=position, norm=norm, mlp=mlp, n_kv_head=kv_heads, bias=bias, tie_embeddings=tied,
+            qk_norm=qk_norm, n_layer=1, block_size=12,
+        )
+        model = GPT(config).eval()
+        expected = _greedy_by_recomputation(model, prompt, 9)
+        cached = torch.stack(list(decode_tokens(model, prompt, max_new_tokens=9, temperature=0.0)), dim=1)
+        assert torch.equal(cached, expected), config
