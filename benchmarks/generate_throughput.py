@@ -217,8 +217,11 @@ def main() -> None:
     floor_after = weight_stream_seconds(weight_bytes)
     peak_after = matmul_peak_flops()
     floors = {k: min(floor_before[k], floor_after[k]) for k in floor_before}
-    floor = min(floors.values())  # the floor: the fastest way found to read every weight once
-    matvec_floor = min(floors["mv_out_in"], floors["vm_in_out"])
+    # The floor, as the issue defines it: a matrix-vector product over the same number of fp32 bytes
+    # (the faster of the two weight layouts). A plain sum over the buffer reads faster still, but no
+    # matmul kernel reaches it; it is reported beside the floor.
+    floor = min(floors["mv_out_in"], floors["vm_in_out"])
+    plain_read = min(floors.values())
     peak = max(peak_before, peak_after)
 
     rows = []
@@ -256,7 +259,7 @@ def main() -> None:
             )
         compute_step = 2.0 * (n_params - config.block_size * config.d_model) * b / peak
         rows.append(
-            [b, "floor: read all weights once per step", "", "", f"{b / floor:.1f}", "", "", f"{floor * 1e3:.1f}",
+            [b, "floor: matrix-vector product over the weights' bytes", "", "", f"{b / floor:.1f}", "", "", f"{floor * 1e3:.1f}",
              "1.00", "", "", f"(compute at peak: {compute_step * 1e3:.1f} ms/step)"]
         )
         summary.append((b, stats))
@@ -278,9 +281,9 @@ def main() -> None:
         if b == 1:
             print(
                 f"- batch 1, gptkit decode step / floor: {gk_step / floor:.2f} (target <= 1.15); including "
-                f"prefill, ms/token / floor: {gk_total / new / floor:.2f}. Against the fastest matrix-vector "
-                f"product instead of the plain read: {gk_step / matvec_floor:.2f}; against torch.mv in "
-                f"nn.Linear's layout: {gk_step / floors['mv_out_in']:.2f}"
+                f"prefill, ms/token / floor: {gk_total / new / floor:.2f}. Against a plain read of the "
+                f"buffer (sum, {plain_read * 1e3:.1f} ms) instead: {gk_step / plain_read:.2f}; against torch.mv "
+                f"in nn.Linear's layout: {gk_step / floors['mv_out_in']:.2f}"
             )
         if b == 8:
             print(
@@ -310,7 +313,7 @@ def main() -> None:
                 f"({weight_bytes / floors[k] / 1e9:.1f} GB/s)"
                 for k in floors
             )
-            + f". The floor is the fastest, {floor * 1e3:.1f} ms",
+            + f". The floor is the faster matrix-vector product, {floor * 1e3:.1f} ms",
             "fp32 matmul peak (torch.mm 2048x2048, best of 10)": f"{peak / 1e9:.1f} GFLOP/s; compute per step = "
             "2 * non-position parameters * batch FLOPs",
         },

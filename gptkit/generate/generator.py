@@ -19,6 +19,7 @@ from gptkit.config import SampleConfig
 from gptkit.errors import RequestError
 from gptkit.generate.sampling import apply_repetition_penalty, sample_next
 from gptkit.model.gpt import GPT
+from gptkit.model.packed import packed_for_inference, should_pack
 from gptkit.tokenizer import Tokenizer
 
 
@@ -55,9 +56,12 @@ def decode_tokens(
         seen = torch.zeros(batch_size, model.config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, tokens, True)
 
-    cache = model.new_kv_cache(batch_size, max_len=block_size)
+    # On CPU, big models decode with weights prepacked for oneDNN (same numbers, faster kernels).
+    net = packed_for_inference(model, batch_size) if should_pack(model) else model
+    # Room for exactly this request (the last new token is never fed back), up to the context.
+    cache = model.new_kv_cache(batch_size, max_len=min(block_size, prompt_len + max_new_tokens - 1))
     context = tokens  # what the cache must hold before the next step; kept only for sliding
-    logits = model(tokens, kv_cache=cache, last_only=True)[:, -1]  # (B, V)
+    logits = net(tokens, kv_cache=cache, last_only=True)[:, -1]  # (B, V)
     for step in range(max_new_tokens):
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
@@ -68,13 +72,13 @@ def decode_tokens(
         if seen is not None:
             seen.scatter_(1, next_token[:, None], True)
         context = torch.cat([context, next_token[:, None]], dim=1)
-        if cache.uniform_length == block_size:
+        if cache.uniform_length == cache.max_len:  # only reached when the context is full
             keep = max(1, (3 * block_size) // 4)
             context = context[:, -keep:]
             cache.reset()
-            logits = model(context, kv_cache=cache, last_only=True)[:, -1]
+            logits = net(context, kv_cache=cache, last_only=True)[:, -1]
         else:
-            logits = model(next_token[:, None], kv_cache=cache, last_only=True)[:, -1]
+            logits = net(next_token[:, None], kv_cache=cache, last_only=True)[:, -1]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,92 @@
+"""CPU inference with prepacked weights.
+
+Decoding reads every weight once per token, with only a few rows of activations: there the
+layout of the weights decides the speed. oneDNN (PyTorch's CPU backend, the path inductor's
+``freezing`` takes) can reorder a Linear weight once into a blocked layout tuned for a given number
+of rows; on the 2-core test machine that makes GPT-2's decode step about 1.4x faster at batch 1 and
+2-3x faster at batch 8 than ``F.linear`` on the row-major weight.
+
+``packed_for_inference(model)`` returns a view of the model for decoding: the same module tree,
+sharing every parameter, except that each ``nn.Linear`` is replaced by a ``PackedLinear`` holding
+the reordered weight. It is cached per model and rebuilt when any weight changes (an optimizer
+step, ``load_state_dict``), so callers need not think about it. The model itself is not touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import torch
+from torch import nn
+
+from gptkit.model.gpt import GPT
+
+# Packing pays off when the weights are big enough that streaming them dominates a step.
+MIN_PACKED_D_MODEL = 256
+
+
+def cpu_packing_available() -> bool:
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+class PackedLinear(nn.Module):
+    """An inference-only ``nn.Linear`` whose weight lives in oneDNN's blocked layout."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        weight = linear.weight.detach()
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (..., in_features) -> (..., out_features); no post-op, so "none" with no scalars.
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+
+def should_pack(model: GPT) -> bool:
+    weight = model.token_embedding.weight
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and not model.training
+        and model.config.d_model >= MIN_PACKED_D_MODEL
+        and cpu_packing_available()
+    )
+
+
+# model -> {batch_hint: (weights key, packed clone)}; at most MAX_HINTS hints are kept per model.
+_cache: weakref.WeakKeyDictionary[GPT, dict[int, tuple[tuple, GPT]]] = weakref.WeakKeyDictionary()
+MAX_HINTS = 2
+
+
+def _weights_key(model: GPT) -> tuple:
+    return tuple((id(p), p._version) for p in model.parameters())
+
+
+def packed_for_inference(model: GPT, batch_hint: int = 1) -> GPT:
+    """The model with every Linear prepacked for ``batch_hint`` rows (cached; see module doc)."""
+    key = _weights_key(model)
+    per_hint = _cache.setdefault(model, {})
+    cached = per_hint.get(batch_hint)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    # Copy the module tree but share every parameter and buffer (no weight is duplicated here).
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    clone = copy.deepcopy(model, memo)
+    for module in list(clone.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, PackedLinear(child, batch_hint))
+    clone.eval()
+    per_hint.pop(batch_hint, None)
+    while len(per_hint) >= MAX_HINTS:  # forget the oldest hint (dicts keep insertion order)
+        per_hint.pop(next(iter(per_hint)))
+    per_hint[batch_hint] = (key, clone)
+    return clone
