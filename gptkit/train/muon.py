@@ -17,18 +17,23 @@ _NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately U V^T for matrix = U S V^T (all singular values moved near 1). (m, n) -> (m, n)."""
+    """Approximately U V^T for matrix = U S V^T (all singular values moved near 1).
+
+    (m, n) -> (m, n), or a batch (k, m, n) -> (k, m, n) of same-shaped matrices at once.
+    """
     a, b, c = _NS_COEFFICIENTS
     x = matrix.float()
-    transposed = x.shape[0] > x.shape[1]
+    transposed = x.shape[-2] > x.shape[-1]
     if transposed:  # iterate on the wide orientation: X X^T is then the smaller Gram matrix
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)  # spectral norm <= Frobenius <= 1
     for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a) if x.dim() == 3 else (
+            a * x + (b * gram + c * gram @ gram) @ x
+        )
     if transposed:
-        x = x.T
+        x = x.mT
     return x.to(matrix.dtype)
 
 
@@ -62,6 +67,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, group: dict) -> None:
+        # Same-shaped matrices (one per layer) are orthogonalised together in one batched call.
+        by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -71,11 +78,14 @@ class MuonWithAdamW(torch.optim.Optimizer):
             buffer = state["momentum_buffer"]
             buffer.mul_(group["momentum"]).add_(p.grad)
             direction = p.grad.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer
-            update = orthogonalize(direction, group["ns_steps"])
-            scale = 0.2 * math.sqrt(max(p.shape))
-            if group["weight_decay"]:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(update, alpha=-group["lr"] * scale)
+            by_shape.setdefault(tuple(p.shape), []).append((p, direction))
+        for shape, items in by_shape.items():
+            updates = orthogonalize(torch.stack([d for _, d in items]), group["ns_steps"])
+            scale = 0.2 * math.sqrt(max(shape))
+            for (p, _), update in zip(items, updates):
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * scale)
 
     def _adamw_step(self, group: dict) -> None:
         beta1, beta2 = group["betas"]

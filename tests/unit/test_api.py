@@ -1,0 +1,80 @@
+"""The public Python API: gptkit.load (gptkit checkpoints for every option combination, run
+directories, Hugging Face directories), gptkit.load_tokenizer and gptkit.generate."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import gptkit
+from gptkit.checkpoint import write_model_files
+from gptkit.errors import CheckpointError
+from gptkit.model import GPT, ModelConfig
+from gptkit.tokenizer import train_char_tokenizer
+
+BASE = ModelConfig(vocab_size=80, block_size=32, n_layer=2, n_head=4, d_model=32)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "bias": False,
+         "tie_embeddings": False},
+        {"position": "rope", "n_kv_head": 1, "qk_norm": True, "tie_embeddings": True, "bias": False},
+    ],
+)
+def test_checkpoint_round_trip_keeps_logits(tmp_path: Path, options: dict) -> None:
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(BASE, **options)).eval()
+    write_model_files(tmp_path / "ckpt", model)
+    loaded = gptkit.load(tmp_path / "ckpt")
+    assert loaded.config == model.config and not loaded.training
+    tokens = torch.randint(0, 80, (2, 12))
+    torch.testing.assert_close(loaded(tokens), model(tokens), atol=0, rtol=0)
+
+
+def test_load_accepts_a_run_directory_and_a_hugging_face_directory(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from gptkit.model.hf import save_hf
+
+    torch.manual_seed(0)
+    model = GPT(BASE).eval()
+    write_model_files(tmp_path / "run" / "checkpoint", model)
+    save_hf(model, tmp_path / "hf")
+    tokens = torch.randint(0, 80, (1, 10))
+    torch.testing.assert_close(gptkit.load(tmp_path / "run")(tokens), model(tokens), atol=0, rtol=0)
+    torch.testing.assert_close(gptkit.load(tmp_path / "hf")(tokens), model(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_load_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        gptkit.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        gptkit.load(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="no tokenizer.json"):
+        gptkit.load_tokenizer(tmp_path / "empty")
+
+
+def test_weights_of_another_shape_are_refused(tmp_path: Path) -> None:
+    write_model_files(tmp_path / "a", GPT(BASE))
+    write_model_files(tmp_path / "b", GPT(dataclasses.replace(BASE, d_model=64)))
+    (tmp_path / "a" / "model.safetensors").write_bytes((tmp_path / "b" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor .* has shape \(64,?.*\), the config needs \(32"):
+        gptkit.load(tmp_path / "a")
+
+
+def test_generate_end_to_end(tmp_path: Path) -> None:
+    tokenizer = train_char_tokenizer(["hello world"])
+    tokenizer.save(tmp_path / "ckpt")
+    torch.manual_seed(0)
+    write_model_files(tmp_path / "ckpt", GPT(dataclasses.replace(BASE, vocab_size=tokenizer.vocab_size)))
+    model, tok = gptkit.load(tmp_path / "ckpt"), gptkit.load_tokenizer(tmp_path / "ckpt")
+    completion = gptkit.generate(model, tok, "hello", max_new_tokens=8, temperature=0.0)
+    again = gptkit.generate(model, tok, "hello", max_new_tokens=8, temperature=0.0)
+    assert completion == again and completion.finish_reason in {"length", "eot"}
+    assert tok.decode(completion.token_ids) == completion.text
