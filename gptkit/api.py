@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from gptkit.config import SampleConfig
 from gptkit.errors import CheckpointError
 from gptkit.generate.generator import Completion, generate_text
 from gptkit.model.gpt import GPT
+from gptkit.model.hf import is_hf_directory, load_hf  # transformers itself is imported lazily
 from gptkit.tokenizer import Tokenizer
 from gptkit.tokenizer import load_tokenizer as _load_tokenizer_file
 
@@ -31,20 +31,11 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def _is_hf_dir(path: Path) -> bool:
-    try:
-        return "model_type" in json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-
-
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> GPT:
     """A model in eval mode from a gptkit checkpoint (or run) directory, or a Hugging Face GPT-2 /
     Llama directory saved with ``save_pretrained``."""
     directory = resolve_checkpoint_dir(path)
-    if directory.is_dir() and _is_hf_dir(directory):
-        from gptkit.model.hf import load_hf
-
+    if is_hf_directory(directory):
         return load_hf(directory).to(device).eval()
     return load_checkpoint_model(directory, device=device)
 
