@@ -169,6 +169,13 @@ class TrainConfig:
     max_seconds: float | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
+    # fp32: everything in float32. bf16/fp16: autocast forward+loss, float32 master weights;
+    # fp16 also scales the loss (GradScaler) and skips steps whose gradients overflow.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    # single: one process. ddp: one replica per process under torchrun, gradients all-reduced.
+    strategy: Literal["single", "ddp"] = "single"
+    dist_timeout_s: float = 1800.0  # a collective that waits longer than this fails the run
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_batches", "log_interval"):
@@ -187,6 +194,9 @@ class TrainConfig:
         _choice(self.device, "train.device", ("auto", "cpu", "cuda"))
         _choice(self.optimizer, "train.optimizer", ("adamw", "muon"))
         _choice(self.schedule, "train.schedule", ("cosine", "wsd"))
+        _choice(self.precision, "train.precision", ("fp32", "bf16", "fp16"))
+        _choice(self.strategy, "train.strategy", ("single", "ddp"))
+        _positive(self.dist_timeout_s, "train.dist_timeout_s")
         _require(0.0 < self.decay_fraction <= 1.0, "train.decay_fraction", f"must be in (0, 1]; got {self.decay_fraction}")
         _require(0.0 <= self.muon_momentum < 1.0, "train.muon_momentum", f"must be in [0, 1); got {self.muon_momentum}")
         if self.max_seconds is not None:

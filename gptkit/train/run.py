@@ -16,6 +16,7 @@ from gptkit.checkpoint import model_config_from_checkpoint, read_checkpoint_conf
 from gptkit.config import RunConfig, TrainConfig, apply_overrides, run_config_from_dict, to_dict
 from gptkit.data import load_meta, prepare_dataset
 from gptkit.data.loader import BatchLoader, eval_batches
+from gptkit.distributed.setup import init_distributed
 from gptkit.errors import CheckpointError, ConfigError
 from gptkit.model.gpt import GPT
 from gptkit.train.trainer import StepMetrics, Trainer, TrainSummary
@@ -68,8 +69,18 @@ def resume_run_config(config: RunConfig, overrides: list[str] | tuple[str, ...] 
 
 def build_trainer(config: RunConfig, *, progress: bool = False) -> Trainer:
     """Everything a run needs, wired together: data, model (vocabulary from the data), trainer."""
-    meta = ensure_prepared(config, progress=progress)
     train_config: TrainConfig = config.train
+    # Join the process group first: a bad launch fails before any work, and only rank 0 prepares data.
+    world = init_distributed(
+        train_config.strategy, resolve_device(train_config.device), timeout_s=train_config.dist_timeout_s
+    )
+    if not world.is_main:
+        logging.getLogger("gptkit").setLevel(logging.WARNING)  # rank 0 logs for the run
+    if world.is_main:
+        meta = ensure_prepared(config, progress=progress)
+    if world.world_size > 1:
+        torch.distributed.barrier()
+    meta = meta if world.is_main else load_meta(Path(config.data.dir))
     torch.manual_seed(train_config.seed)
     model_config = config.model
     if model_config.vocab_size != meta["vocab_size"]:
@@ -80,7 +91,13 @@ def build_trainer(config: RunConfig, *, progress: bool = False) -> Trainer:
     logger.info("model: %s parameters", f"{model.num_parameters():,}")
     data_dir = Path(config.data.dir)
     train_batches = BatchLoader(
-        data_dir, "train", train_config.batch_size, model_config.block_size, seed=train_config.seed
+        data_dir,
+        "train",
+        train_config.batch_size,
+        model_config.block_size,
+        seed=train_config.seed,
+        rank=world.rank,
+        world_size=world.world_size,
     )
     val = eval_batches(data_dir, "val", train_config.batch_size, model_config.block_size, train_config.eval_batches)
     return Trainer(
@@ -91,7 +108,7 @@ def build_trainer(config: RunConfig, *, progress: bool = False) -> Trainer:
         out_dir=train_config.out_dir,
         run_config=to_dict(config),
         tokenizer_path=data_dir / "tokenizer.json",
-        device=resolve_device(train_config.device),
+        device=world.device,
     )
 
 

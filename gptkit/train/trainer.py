@@ -7,6 +7,7 @@ evaluation, metrics log and exact-resume checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,11 +18,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from gptkit.checkpoint import WEIGHTS_FILE, load_model_weights
 from gptkit.config import TrainConfig
+from gptkit.distributed.parallelize import parallelize
+from gptkit.distributed.precision import PrecisionPolicy
+from gptkit.distributed.setup import barrier, mean_over_ranks
 from gptkit.fileio import atomic_write_text
 from gptkit.train.checkpointing import load_training_state, save_training_checkpoint
 from gptkit.train.optim import build_optimizer
@@ -68,7 +73,13 @@ class TrainSummary:
 
 
 class Trainer:
-    """Runs optimisation steps from ``start_step`` to ``config.max_steps``."""
+    """Runs optimisation steps from ``start_step`` to ``config.max_steps``.
+
+    ``config.strategy``, ``activation_checkpointing`` and ``compile`` are applied to ``model`` from
+    outside (:func:`gptkit.distributed.parallelize`); ``config.precision`` picks the autocast dtype
+    and loss scaling. Under several processes only rank 0 (``is_main``) writes metrics and
+    checkpoints; the reported loss is the mean over ranks.
+    """
 
     def __init__(
         self,
@@ -96,8 +107,11 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0  # wall-clock spent in fit() over all sessions of this run
         self.current_lr = 0.0
-        # The compiled module shares parameters with self.model; checkpoints save self.model.
-        self.forward_model: nn.Module = torch.compile(self.model) if config.compile else self.model
+        self.skipped_steps = 0  # fp16 steps skipped for inf/nan gradients, this session
+        self.precision = PrecisionPolicy(config.precision, self.device)
+        # forward_model (DDP / compiled) shares parameters with self.model; checkpoints save self.model.
+        self.forward_model: nn.Module = parallelize(self.model, config, self.device)
+        self.is_main = not dist.is_initialized() or dist.get_rank() == 0
 
     # ------------------------------------------------------------------ paths
 
@@ -119,7 +133,10 @@ class Trainer:
         self.train_batches.load_state_dict(state["data"])
         self.step = int(state["step"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        self._truncate_metrics(self.step)
+        self.precision.load_state_dict(state.get("grad_scaler") or {})
+        if self.is_main:
+            self._truncate_metrics(self.step)
+        barrier()  # no rank appends metrics before rank 0 has truncated them
         logger.info("resumed from %s at step %d", directory, self.step)
 
     def _truncate_metrics(self, step: int) -> None:
@@ -139,10 +156,11 @@ class Trainer:
         if not self.val_batches:
             return None
         self.model.eval()
-        losses = [
-            float(self.loss_fn(self.forward_model, (x.to(self.device), y.to(self.device))))
-            for x, y in self.val_batches
-        ]
+        with self.precision.autocast():
+            losses = [
+                float(self.loss_fn(self.forward_model, (x.to(self.device), y.to(self.device))))
+                for x, y in self.val_batches
+            ]
         self.model.train()
         return sum(losses) / len(losses)
 
@@ -161,11 +179,17 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total_loss = 0.0
-        for _ in range(config.grad_accum_steps):
+        no_sync = getattr(self.forward_model, "no_sync", None)  # DDP: all-reduce on the last micro-batch only
+        for micro in range(config.grad_accum_steps):
             x, y = self.train_batches.next_batch()
-            loss = self.loss_fn(self.forward_model, (x.to(self.device), y.to(self.device)))
-            (loss / config.grad_accum_steps).backward()
+            last = micro == config.grad_accum_steps - 1
+            with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+                with self.precision.autocast():
+                    loss = self.loss_fn(self.forward_model, (x.to(self.device), y.to(self.device)))
+                self.precision.backward(loss / config.grad_accum_steps)
             total_loss += float(loss.detach()) / config.grad_accum_steps
+        total_loss = mean_over_ranks(total_loss)
+        self.precision.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         if config.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip))
         else:
@@ -174,7 +198,13 @@ class Trainer:
                     torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])
                 )
             )
-        self.optimizer.step()
+        if not self.precision.step(self.optimizer):
+            self.skipped_steps += 1
+            logger.warning(
+                "step %d: gradients overflowed in fp16; step skipped, loss scale now %g",
+                self.step + 1,
+                self.precision.loss_scale,
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return total_loss, grad_norm
@@ -258,7 +288,7 @@ class Trainer:
             metrics.lr,
             metrics.tokens_per_second,
         )
-        if self.metrics_path is not None:
+        if self.metrics_path is not None and self.is_main:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -267,6 +297,9 @@ class Trainer:
         directory = self.checkpoint_dir
         if directory is None:
             return None
+        if not self.is_main:  # rank 0 writes; the others wait so nobody runs ahead of the files
+            barrier()
+            return directory
         save_training_checkpoint(
             directory,
             model=self.model,  # type: ignore[arg-type]
@@ -275,7 +308,8 @@ class Trainer:
             run_config=self.run_config,
             data_state=self.train_batches.state_dict(),
             tokenizer_path=self.tokenizer_path,
-            extra_state={"train_seconds": self.train_seconds},
+            extra_state={"train_seconds": self.train_seconds, "grad_scaler": self.precision.state_dict()},
         )
         logger.info("saved checkpoint at step %d to %s", self.step, directory)
+        barrier()
         return directory

@@ -1,0 +1,114 @@
+"""Process-group setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...).
+
+``init_distributed`` is the one place that decides how many processes a strategy runs on and
+which device each uses; gloo on CPU, nccl on CUDA, with a timeout so that a rank that dies makes
+the others fail instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from gptkit.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: rank in [0, world_size) and the device it trains on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+
+def launched_world_size() -> int:
+    """WORLD_SIZE from the environment, 1 when not launched by torchrun."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE must be an integer; got {os.environ['WORLD_SIZE']!r}") from None
+
+
+def init_distributed(strategy: str, device: torch.device, *, timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group that ``strategy`` needs; return this process's rank and device.
+
+    ``single`` needs nothing and refuses to run as several processes (each would train alone and
+    write the same files). ``ddp`` needs torchrun's environment. On CUDA each process takes
+    ``cuda:LOCAL_RANK``.
+    """
+    world_size = launched_world_size()
+    if strategy == "single":
+        if world_size > 1:
+            raise ConfigError(
+                f"train.strategy: single runs one process but {world_size} were launched; use --train.strategy=ddp"
+            )
+        return DistInfo(device=device)
+    if strategy != "ddp":
+        raise ConfigError(f"train.strategy: must be one of single, ddp; got {strategy!r}")
+    missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"train.strategy: ddp needs torchrun's environment (missing {', '.join(missing)}); "
+            "launch with `torchrun --nproc_per_node=N -m gptkit.cli train ...`"
+        )
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"train.strategy: ddp rank {rank} wants cuda:{local_rank} but this machine has "
+                f"{torch.cuda.device_count()} CUDA devices; launch at most that many processes per node"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        atexit.register(_destroy)
+    logger.info("rank %d of %d on %s (%s)", rank, world_size, device, backend)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of a Python float over all ranks (identity without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return float(tensor.item()) / dist.get_world_size()
