@@ -1,0 +1,180 @@
+"""Several processes: DDP under a real torchrun launch trains exactly like one process with the
+combined batch, a rank that dies takes the run down within a bounded time, and a bad launch is a
+one-line configuration error."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptkit.distributed.setup import init_distributed
+from gptkit.errors import ConfigError
+
+TEXT = "".join(f"ROMEO {i}: But soft, what light through yonder window breaks? It is the east.\n" for i in range(300))
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "recipe.yaml").write_text(
+        "model: {n_layer: 2, n_head: 2, d_model: 32, block_size: 32}\n"
+        "data: {source: corpus.txt, dir: prepared}\n"
+        "train: {max_steps: 20, eval_interval: 0, eval_batches: 1, log_interval: 1, warmup_steps: 5,"
+        " lr: 0.003, checkpoint_interval: 0, device: cpu}\n"
+    )
+    return tmp_path
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ launch checks (fast)
+
+
+def test_ddp_without_torchrun_is_a_config_error(monkeypatch) -> None:
+    for name in TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match=r"train.strategy: ddp needs torchrun's environment \(missing RANK"):
+        init_distributed("ddp", torch.device("cpu"))
+
+
+def test_single_strategy_refuses_several_processes(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="train.strategy: single runs one process but 2 were launched"):
+        init_distributed("single", torch.device("cpu"))
+
+
+def test_cli_reports_ddp_without_torchrun_in_one_line(workdir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gptkit.cli", "train", "recipe.yaml", "--quiet", "--train.strategy=ddp"],
+        cwd=workdir, env=clean_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "ddp needs torchrun's environment" in errors[0], result.stderr
+    assert not (workdir / "prepared").exists()  # failed before any work
+
+
+# ------------------------------------------------------------------ real launches (slow)
+
+
+def torchrun_train(workdir: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "gptkit.cli", "train", "recipe.yaml", "--quiet", *args,
+    ]
+    result = subprocess.run(command, cwd=workdir, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def cli_train(workdir: Path, *args: str) -> None:
+    command = [sys.executable, "-m", "gptkit.cli", "train", "recipe.yaml", "--quiet", *args]
+    result = subprocess.run(command, cwd=workdir, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_on_two_processes_matches_one_process_with_the_combined_batch(workdir: Path) -> None:
+    B = 4
+    # Prepare once, so both runs read the very same shards.
+    cli_train(workdir, f"--train.batch_size={2 * B}", "--train.out_dir=single")
+    torchrun_train(workdir, "--train.strategy=ddp", f"--train.batch_size={B}", "--train.out_dir=ddp")
+    single, ddp = losses(workdir / "single"), losses(workdir / "ddp")
+    assert len(single) == len(ddp) == 20
+    for step, (a, b) in enumerate(zip(single, ddp), start=1):
+        assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
+    assert single[-1] < single[0] - 0.5  # it trained, so the comparison means something
+    # Only rank 0 wrote: one record per step, and one checkpoint with the global data position.
+    state = json.loads((workdir / "ddp" / "checkpoint" / "trainer_state.json").read_text())
+    single_state = json.loads((workdir / "single" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["data"] == single_state["data"]
+    assert json.loads((workdir / "ddp" / "checkpoint" / "config.json").read_text())["run"]["train"]["strategy"] == "ddp"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_resume_is_exact(workdir: Path) -> None:
+    common = ("--train.strategy=ddp", "--train.batch_size=4")
+    torchrun_train(workdir, *common, "--train.out_dir=straight")
+    torchrun_train(workdir, *common, "--train.out_dir=split", "--train.max_steps=10", "--train.lr_decay_steps=20")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "gptkit.cli", "train", "recipe.yaml", "--quiet", "--resume",
+        "--train.out_dir=split", "--train.max_steps=20",
+    ]
+    result = subprocess.run(command, cwd=workdir, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(workdir / "split") == losses(workdir / "straight")
+
+
+CRASH_ON_RANK_1 = """
+import os, sys
+from gptkit.train.trainer import Trainer
+from gptkit.cli import main
+
+original = Trainer.train_step
+
+def train_step(self):
+    if self.step == 3 and os.environ["RANK"] == "1":
+        os._exit(3)  # a hard death (OOM kill, segfault): no clean-up, no goodbye to the group
+    return original(self)
+
+Trainer.train_step = train_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_dead_rank_makes_the_other_fail_within_the_timeout(workdir: Path) -> None:
+    """Launched by hand (not torchrun, whose agent would kill the survivor for us): rank 0 must
+    notice on its own, through the collective failing or the process-group timeout."""
+    (workdir / "crash.py").write_text(CRASH_ON_RANK_1)
+    port = str(free_port())
+    cli_train(workdir, "--train.max_steps=1", "--train.out_dir=warmup")  # prepare the data up front
+    procs = []
+    start = time.monotonic()
+    for rank in (0, 1):
+        env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(
+            [sys.executable, "crash.py", "train", "recipe.yaml", "--quiet", "--train.strategy=ddp",
+             "--train.batch_size=4", "--train.max_steps=1000", "--train.dist_timeout_s=15",
+             "--train.out_dir=crash"],
+            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    try:
+        survivor_rc = procs[0].wait(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert procs[1].returncode == 3
+    assert survivor_rc != 0
+    assert time.monotonic() - start < 120
