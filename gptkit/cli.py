@@ -186,6 +186,56 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- plan
+
+
+def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    import json
+
+    from gptkit.config import ModelConfig
+    from gptkit.plan import format_plan, parse_quantity, plan, plan_as_dict, resolve_model
+
+    if overrides:
+        raise ConfigError(f"plan takes no recipe overrides; got {overrides[0]!r} (see gptkit plan --help)")
+    shape = {
+        "n_layer": args.n_layer,
+        "n_head": args.n_head,
+        "n_kv_head": args.n_kv_head,
+        "d_model": args.d_model,
+        "d_ff": args.d_ff,
+        "vocab_size": args.vocab_size,
+        "mlp": args.mlp,
+        "tie_embeddings": args.tie,
+    }
+    shape = {k: v for k, v in shape.items() if v is not None}
+    if args.preset is not None:
+        config, preset = resolve_model(args.preset)
+        model = dataclasses.replace(config, **shape) if shape else preset
+    else:
+        if args.seq_len is not None:
+            shape["block_size"] = args.seq_len
+        model = ModelConfig(**shape)
+    result = plan(
+        model,
+        seq_len=args.seq_len,
+        global_batch=args.global_batch,
+        micro_batch=args.micro_batch,
+        gpu=args.gpu,
+        gpus=args.gpus,
+        strategy=args.strategy,
+        tp=args.tp,
+        tokens=parse_quantity(args.tokens, "tokens") if args.tokens is not None else None,
+        mfu=args.mfu,
+        precision=args.precision,
+        checkpointing=args.checkpointing,
+    )
+    if args.json:
+        print(json.dumps(plan_as_dict(result), indent=2))
+    else:
+        print(format_plan(result))
+    return 0
+
+
 # ---------------------------------------------------------------------------------- main
 
 
@@ -249,6 +299,39 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", choices=["hf", "gptkit"], help="target format (default: the other one)")
     convert.add_argument("--force", action="store_true", help="replace an existing destination")
     convert.set_defaults(func=cmd_convert)
+
+    plan = commands.add_parser(
+        "plan",
+        help="estimate parameters, FLOPs, memory per GPU and time to train at scale",
+        description="Plan a training run by arithmetic: parameters, training FLOPs, memory per GPU for "
+        "weights, gradients, AdamW state and activations under a parallel strategy, whether it fits, "
+        "step time and days to train; suggests a strategy that fits when it does not.",
+        epilog="Shape flags override the preset's fields; without --preset they start from GPT-2's shape. "
+        "Extra presets: gpt3-1.3b, gpt3-2.7b, gpt3-6.7b, gpt3-13b, gpt3-175b, llama-2-7b, llama-2-70b, "
+        "llama-3-405b, gpt-1t.",
+    )
+    plan.add_argument("--preset", help="model preset, e.g. gpt2, gpt3-175b, llama-2-70b")
+    plan.add_argument("--n-layer", type=int)
+    plan.add_argument("--n-head", type=int)
+    plan.add_argument("--n-kv-head", type=int)
+    plan.add_argument("--d-model", type=int)
+    plan.add_argument("--d-ff", type=int)
+    plan.add_argument("--vocab-size", type=int)
+    plan.add_argument("--mlp", choices=["gelu", "swiglu"])
+    plan.add_argument("--tie", action=argparse.BooleanOptionalAction, default=None, help="tie embeddings")
+    plan.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's block size)")
+    plan.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: ~2^19 tokens)")
+    plan.add_argument("--micro-batch", type=int, help="sequences per GPU per forward (default: no accumulation)")
+    plan.add_argument("--gpu", default="H100", help="A100, H100 or H200 (default H100)")
+    plan.add_argument("--gpus", type=int, default=1, help="number of GPUs (default 1)")
+    plan.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "tp", "fsdp+tp"])
+    plan.add_argument("--tp", type=int, help="tensor-parallel degree (default 8, or what divides, for tp)")
+    plan.add_argument("--tokens", help="training tokens, e.g. 300e9 or 300B (default: 20 per parameter)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (default 0.4)")
+    plan.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    plan.add_argument("--checkpointing", action="store_true", help="full activation checkpointing")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 
