@@ -1,4 +1,4 @@
-"""The ``gptkit`` command line: prepare, train, generate, convert.
+"""The ``gptkit`` command line: prepare, train, generate, convert, plan.
 
 Every verb takes ``--help``. Recipes are YAML files (see configs/) and any field can be overridden
 with ``--section.field=value``. A user mistake prints one line starting with "error:" and exits 1.
