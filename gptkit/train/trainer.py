@@ -227,7 +227,9 @@ class Trainer:
                 logger.warning("step %d: loss is %s", self.step, loss)
             if tokens_per_step == 0:
                 x_shape = self.train_batches_shape()
-                tokens_per_step = x_shape[0] * x_shape[1] * config.grad_accum_steps
+                # Global throughput: every rank consumes its own micro-batches.
+                world_size = dist.get_world_size() if dist.is_initialized() else 1
+                tokens_per_step = x_shape[0] * x_shape[1] * config.grad_accum_steps * world_size
             window_tokens += tokens_per_step
             now = time.perf_counter()
             tokens_per_second = window_tokens / max(now - window_start, 1e-9)
