@@ -88,6 +88,10 @@ def build_trainer(config: RunConfig, *, progress: bool = False) -> Trainer:
         model_config = dataclasses.replace(model_config, vocab_size=int(meta["vocab_size"]))
     config = dataclasses.replace(config, model=model_config)
     model = GPT(model_config)
+    if world.world_size > 1:
+        # Same initial weights everywhere (DDP also broadcasts rank 0's), then a stream of random
+        # numbers per rank, so ranks draw different dropout masks.
+        torch.manual_seed(train_config.seed + world.rank)
     logger.info("model: %s parameters", f"{model.num_parameters():,}")
     data_dir = Path(config.data.dir)
     train_batches = BatchLoader(

@@ -28,7 +28,7 @@ from gptkit.distributed.parallelize import parallelize
 from gptkit.distributed.precision import PrecisionPolicy
 from gptkit.distributed.setup import barrier, mean_over_ranks
 from gptkit.fileio import atomic_write_text
-from gptkit.train.checkpointing import load_training_state, save_training_checkpoint
+from gptkit.train.checkpointing import _decode_rng, _encode_rng, load_training_state, save_training_checkpoint
 from gptkit.train.optim import build_optimizer
 from gptkit.train.schedule import learning_rate
 
@@ -134,6 +134,7 @@ class Trainer:
         self.step = int(state["step"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.precision.load_state_dict(state.get("grad_scaler") or {})
+        self._restore_rank_rng(state.get("rank_rng"))
         if self.is_main:
             self._truncate_metrics(self.step)
         barrier()  # no rank appends metrics before rank 0 has truncated them
@@ -299,6 +300,7 @@ class Trainer:
         directory = self.checkpoint_dir
         if directory is None:
             return None
+        rank_rng = self._gather_rank_rng()  # a collective: every rank takes part
         if not self.is_main:  # rank 0 writes; the others wait so nobody runs ahead of the files
             barrier()
             return directory
@@ -310,8 +312,41 @@ class Trainer:
             run_config=self.run_config,
             data_state=self.train_batches.state_dict(),
             tokenizer_path=self.tokenizer_path,
-            extra_state={"train_seconds": self.train_seconds, "grad_scaler": self.precision.state_dict()},
+            extra_state={
+                "train_seconds": self.train_seconds,
+                "grad_scaler": self.precision.state_dict(),
+                **({"rank_rng": rank_rng} if rank_rng is not None else {}),
+            },
         )
         logger.info("saved checkpoint at step %d to %s", self.step, directory)
         barrier()
         return directory
+
+    # ------------------------------------------------------------------ per-rank random state
+
+    def _gather_rank_rng(self) -> list[dict[str, str]] | None:
+        """Every rank's RNG states (rank order), so resume restores each rank's dropout stream;
+        None in a single process (the checkpoint's own RNG entry covers it)."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return None
+        mine = {"torch": _encode_rng(torch.get_rng_state())}
+        if self.device.type == "cuda":
+            mine["cuda"] = _encode_rng(torch.cuda.get_rng_state(self.device))
+        states: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(states, mine)
+        return states
+
+    def _restore_rank_rng(self, states: list[dict[str, str]] | None) -> None:
+        if not states or not dist.is_initialized():
+            return
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        if len(states) != world_size:
+            logger.warning(
+                "checkpoint has random states of %d ranks, this run has %d; dropout will not replay exactly",
+                len(states),
+                world_size,
+            )
+            return
+        torch.set_rng_state(_decode_rng(states[rank]["torch"]))
+        if "cuda" in states[rank] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(_decode_rng(states[rank]["cuda"]), self.device)

@@ -119,7 +119,8 @@ def test_ddp_on_two_processes_matches_one_process_with_the_combined_batch(workdi
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ddp_resume_is_exact(workdir: Path) -> None:
-    common = ("--train.strategy=ddp", "--train.batch_size=4")
+    # Dropout draws a different stream on each rank; resume must restore every rank's.
+    common = ("--train.strategy=ddp", "--train.batch_size=4", "--model.dropout=0.1")
     torchrun_train(workdir, *common, "--train.out_dir=straight")
     torchrun_train(workdir, *common, "--train.out_dir=split", "--train.max_steps=10", "--train.lr_decay_steps=20")
     command = [
@@ -130,6 +131,8 @@ def test_ddp_resume_is_exact(workdir: Path) -> None:
     result = subprocess.run(command, cwd=workdir, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses(workdir / "split") == losses(workdir / "straight")
+    state = json.loads((workdir / "split" / "checkpoint" / "trainer_state.json").read_text())
+    assert len(state["rank_rng"]) == 2 and state["rank_rng"][0] != state["rank_rng"][1]
 
 
 CRASH_ON_RANK_1 = """
