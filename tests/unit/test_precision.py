@@ -55,10 +55,11 @@ def test_precision_is_validated() -> None:
         TrainConfig(precision="fp8")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_low_precision_losses_track_fp32(precision: str) -> None:
-    reference = make_trainer("fp32")
-    low = make_trainer(precision)
+def test_low_precision_losses_track_fp32(precision: str, optimizer: str) -> None:
+    reference = make_trainer("fp32", optimizer=optimizer)
+    low = make_trainer(precision, optimizer=optimizer)
     for _ in range(3):
         ref_loss, _ = reference.train_step()
         loss, grad_norm = low.train_step()
