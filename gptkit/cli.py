@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         desc="train",
         unit="step",
         dynamic_ncols=True,
-        disable=args.quiet,
+        disable=args.quiet or not trainer.is_main,  # one bar, on rank 0
     )
     last_val: list[float] = []
 
@@ -97,6 +97,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
             summary = trainer.fit(on_step=on_step)
     finally:
         bar.close()
+    if not trainer.is_main:
+        return 0
     val = f"{summary.final_val_loss:.4f}" if summary.final_val_loss is not None else "n/a"
     print(
         f"done: step {summary.steps}, train loss {summary.final_loss:.4f}, val loss {val}, "
