@@ -3,6 +3,13 @@
     config.json         {"format": "gptkit-checkpoint", "version": 1, "model": {...}, ...}
     model.safetensors   the weights (a tied LM head is stored once, as the token embedding)
     tokenizer.json      the tokenizer, when the model has one
+    sharded/            (runs on several processes) torch.distributed.checkpoint shards of the
+                        model and optimizer, keys "model.<name>" and "optim.…"
+
+A checkpoint written by several processes always has sharded/; it has model.safetensors too when
+the parameters were replicated (DDP), since rank 0 then holds them whole. When it has only
+sharded/ (FSDP/TP), :func:`load_checkpoint_model` consolidates the shards in this one process,
+transparently; ``gptkit convert <run> <out> --to gptkit`` does it once and writes the single file.
 
 The trainer adds its own files (optimizer, RNG and data position) beside these; everything that
 only needs the model (generate, serve, evaluate) reads just the three above.
@@ -11,6 +18,7 @@ only needs the model (generate, serve, evaluate) reads just the three above.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +31,15 @@ from gptkit.errors import CheckpointError, ConfigError
 from gptkit.fileio import atomic_write_json
 from gptkit.model.gpt import GPT
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_FORMAT = "gptkit-checkpoint"
 CHECKPOINT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+SHARDED_DIR = "sharded"
+MODEL_PREFIX = "model."  # keys of the model's tensors inside sharded/
 
 
 def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
@@ -104,10 +116,76 @@ def load_model_weights(model: GPT, weights_path: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def has_sharded_state(directory: Path) -> bool:
+    return (directory / SHARDED_DIR / ".metadata").is_file()
+
+
+def read_sharded_metadata(shard_dir: Path) -> dict[str, Any]:
+    """DCP's index of ``shard_dir``: key -> storage metadata (``.size`` for tensors)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return dict(FileSystemReader(str(shard_dir)).read_metadata().state_dict_metadata)
+    except FileNotFoundError:
+        raise CheckpointError(f"sharded checkpoint {shard_dir} has no .metadata (incomplete save?)") from None
+    except Exception as exc:  # DCP raises assorted pickle/OS errors for damaged files
+        raise CheckpointError(f"corrupt sharded checkpoint {shard_dir}: {type(exc).__name__}: {exc}") from None
+
+
+def check_sharded_shapes(shard_dir: Path, expected: dict[str, Any], what: str) -> None:
+    """Raise a one-line CheckpointError when a key of ``expected`` (name -> tensor with the
+    global shape) is missing in ``shard_dir`` or has another shape there."""
+    stored = read_sharded_metadata(shard_dir)
+    for key, tensor in expected.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if key not in stored:
+            raise CheckpointError(f"{shard_dir} does not fit this {what}: no tensor {key}")
+        size = getattr(stored[key], "size", None)
+        if size is None:
+            raise CheckpointError(f"{shard_dir} does not fit this {what}: {key} is not a tensor there")
+        if tuple(size) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{shard_dir}: tensor {key} has shape {tuple(size)}, this {what} needs {tuple(tensor.shape)}"
+            )
+
+
+def load_sharded(state: dict[str, Any], shard_dir: Path) -> None:
+    """``dcp.load`` into ``state`` in place, in the current layout (any number of processes,
+    including one without a process group); errors become one-line CheckpointErrors."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+            dcp.load(state, checkpoint_id=str(shard_dir))
+    except Exception as exc:  # CheckpointException wraps per-rank tracebacks; keep one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read sharded checkpoint {shard_dir}: {first}") from None
+
+
+def load_sharded_model_weights(model: GPT, directory: Path) -> None:
+    """Gather the model's tensors from ``directory/sharded`` into ``model`` (plain, one process)."""
+    shard_dir = directory / SHARDED_DIR
+    state = {MODEL_PREFIX + name: tensor for name, tensor in model.state_dict().items()}
+    check_sharded_shapes(shard_dir, state, "model config")
+    load_sharded(state, shard_dir)
+    model.load_state_dict({name[len(MODEL_PREFIX):]: tensor for name, tensor in state.items()})
+
+
 def load_checkpoint_model(path: str | Path, *, device: str | torch.device = "cpu") -> GPT:
-    """A GPT in eval mode from a gptkit checkpoint directory."""
+    """A GPT in eval mode from a gptkit checkpoint directory (single file, or sharded only)."""
     directory = Path(path)
     config = read_checkpoint_config(directory)
     model = GPT(model_config_from_checkpoint(config, directory))
-    load_model_weights(model, directory / WEIGHTS_FILE)
+    if not (directory / WEIGHTS_FILE).exists() and has_sharded_state(directory):
+        logger.info(
+            "%s has sharded weights only; consolidating them in this process "
+            "(`gptkit convert %s OUT --to gptkit` does it once)", directory, directory,
+        )
+        load_sharded_model_weights(model, directory)
+    else:
+        load_model_weights(model, directory / WEIGHTS_FILE)
     return model.to(device).eval()

@@ -298,7 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("source", help="gptkit checkpoint/run directory or Hugging Face model directory")
     convert.add_argument("destination", help="directory to write")
-    convert.add_argument("--to", choices=["hf", "gptkit"], help="target format (default: the other one)")
+    convert.add_argument(
+        "--to",
+        choices=["hf", "gptkit"],
+        help="target format (default: the other one); --to gptkit on a sharded checkpoint of a multi-process "
+        "run gathers its shards into one model.safetensors",
+    )
     convert.add_argument("--force", action="store_true", help="replace an existing destination")
     convert.set_defaults(func=cmd_convert)
 

@@ -71,21 +71,27 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
-        for child in tmp.rglob("*"):
-            if child.is_file():
-                with open(child, "rb+") as f:
-                    os.fsync(f.fileno())
-        if target.exists():
-            # Rename the old one aside first so that at no moment is there no complete directory.
-            old = target.with_name(f".{target.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        publish_directory(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def publish_directory(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """fsync every file under ``tmp``, then rename it to ``target``, replacing any old one whole."""
+    tmp, target = Path(tmp), Path(target)
+    for child in tmp.rglob("*"):
+        if child.is_file():
+            with open(child, "rb+") as f:
+                os.fsync(f.fileno())
+    if target.exists():
+        # Rename the old one aside first so that at no moment is there no complete directory.
+        old = target.with_name(f".{target.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
+    _fsync_dir(target.parent)

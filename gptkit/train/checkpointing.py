@@ -9,6 +9,22 @@
 
 The directory is written to a temporary sibling and renamed into place, so a crash while saving
 leaves the previous checkpoint whole.
+
+Under a process group of several ranks the model and optimizer go through
+``torch.distributed.checkpoint`` (DCP) instead, so each rank writes its own shards (replicated
+DDP tensors are written once; FSDP2/TP DTensors shard by shard):
+
+    checkpoint/
+      config.json              as above
+      model.safetensors        only when the parameters are replicated (DDP): rank 0 has them whole
+      tokenizer.json
+      sharded/                 DCP: .metadata + __<rank>_<n>.distcp; keys "model.<name>", "optim.<...>"
+      trainer_state.json       step, data position (global), every rank's RNG, "sharded": {"world_size": N}
+
+Every rank writes into the same temporary sibling ``.checkpoint.sharded.tmp``, then rank 0
+renames it into place after a collective, so **the run directory must be on a filesystem that
+all ranks share** (one node's local disk, or NFS/Lustre across nodes). DCP loads into whatever
+layout the resuming run has: a checkpoint from 2 DDP ranks resumes on 1 process, or on 4.
 """
 
 from __future__ import annotations
@@ -23,9 +39,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gptkit.checkpoint import TOKENIZER_FILE, write_model_files
+from gptkit.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    CONFIG_FILE,
+    MODEL_PREFIX,
+    SHARDED_DIR,
+    TOKENIZER_FILE,
+    check_sharded_shapes,
+    load_sharded,
+    write_model_files,
+)
+from gptkit.config import to_dict
 from gptkit.errors import CheckpointError
-from gptkit.fileio import atomic_directory, atomic_write_json
+from gptkit.fileio import atomic_directory, atomic_write_json, publish_directory
 from gptkit.model.gpt import GPT
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -114,4 +141,112 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> di
             torch.cuda.set_rng_state_all([_decode_rng(s) for s in state["rng"]["cuda"]])
     except (KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot resume from {directory}: training state does not fit this run ({exc})") from None
+    return state
+
+
+# ---------------------------------------------------------------------------------- sharded (DCP)
+
+
+def is_replicated(model: torch.nn.Module) -> bool:
+    """True when every parameter is a whole tensor on this rank (single process or DDP), False
+    when some are DTensor shards (FSDP2 / TP)."""
+    from torch.distributed.tensor import DTensor
+
+    return not any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _rng_state() -> dict[str, Any]:
+    rng: dict[str, Any] = {"torch": _encode_rng(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = [_encode_rng(s) for s in torch.cuda.get_rng_state_all()]
+    return rng
+
+
+def save_sharded_training_checkpoint(
+    directory: Path,
+    *,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    run_config: dict[str, Any],
+    data_state: dict[str, Any],
+    tokenizer_path: Path | None,
+    extra_state: dict[str, Any] | None = None,
+) -> None:
+    """Write a checkpoint with DCP from every rank of the process group (a collective: all ranks
+    call it with the same ``directory``). Atomic like the single-process one: all ranks write
+    into one temporary sibling, which rank 0 renames into place once everyone has finished."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    tmp = directory.with_name(f".{directory.name}.sharded.tmp")
+    if rank == 0:
+        if tmp.exists():  # left by a crash during an earlier save
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR))
+    error: list[str | None] = [None]
+    failure: Exception | None = None
+    if rank == 0:
+        try:
+            extra_config = {"run": run_config, "step": step}
+            if is_replicated(model):  # rank 0 holds every weight: the single file costs little
+                write_model_files(tmp, model, extra_config)
+            else:
+                atomic_write_json(
+                    tmp / CONFIG_FILE,
+                    {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": to_dict(model.config),
+                     **extra_config},
+                )
+            if tokenizer_path is not None and tokenizer_path.exists():
+                shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+            atomic_write_json(
+                tmp / TRAINER_STATE_FILE,
+                {
+                    "step": step,
+                    "data": data_state,
+                    "rng": _rng_state(),
+                    "sharded": {"world_size": world_size},
+                    **(extra_state or {}),
+                },
+            )
+            publish_directory(tmp, directory)
+        except Exception as exc:  # tell the other ranks, so they fail too instead of waiting
+            error[0], failure = f"{type(exc).__name__}: {exc}", exc
+            shutil.rmtree(tmp, ignore_errors=True)
+    dist.broadcast_object_list(error, src=0)  # also the barrier: nobody runs ahead of the rename
+    if error[0] is not None:
+        if failure is not None:
+            raise failure
+        raise CheckpointError(f"rank 0 failed to save the checkpoint {directory}: {error[0]}")
+
+
+def load_sharded_training_state(directory: Path, model: GPT, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load model and optimizer from ``directory/sharded`` into this run's layout (any number of
+    processes, one without a process group included) and restore RNG; return the trainer state."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    try:
+        state = json.loads((directory / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"cannot resume from {directory}: missing {TRAINER_STATE_FILE}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot resume from {directory}: corrupt training state ({exc})") from None
+    shard_dir = directory / SHARDED_DIR
+    model_state, optim_state = get_state_dict(model, optimizer)
+    check_sharded_shapes(shard_dir, {MODEL_PREFIX + k: v for k, v in model_state.items()}, "model")
+    everything = {"model": model_state, "optim": optim_state}
+    load_sharded(everything, shard_dir)
+    try:
+        set_state_dict(model, optimizer, model_state_dict=everything["model"], optim_state_dict=everything["optim"])
+        torch.set_rng_state(_decode_rng(state["rng"]["torch"]))
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([_decode_rng(s) for s in state["rng"]["cuda"]])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot resume from {directory}: training state does not fit this run ({first})") from None
     return state

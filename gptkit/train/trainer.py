@@ -22,13 +22,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from gptkit.checkpoint import WEIGHTS_FILE, load_model_weights
+from gptkit.checkpoint import WEIGHTS_FILE, has_sharded_state, load_model_weights
 from gptkit.config import TrainConfig
 from gptkit.distributed.parallelize import parallelize
 from gptkit.distributed.precision import PrecisionPolicy
 from gptkit.distributed.setup import barrier, mean_over_ranks
 from gptkit.fileio import atomic_write_text
-from gptkit.train.checkpointing import _decode_rng, _encode_rng, load_training_state, save_training_checkpoint
+from gptkit.train.checkpointing import (
+    _decode_rng,
+    _encode_rng,
+    load_sharded_training_state,
+    load_training_state,
+    save_sharded_training_checkpoint,
+    save_training_checkpoint,
+)
 from gptkit.train.optim import build_optimizer
 from gptkit.train.schedule import learning_rate
 
@@ -128,8 +135,12 @@ class Trainer:
     def resume(self, checkpoint_dir: str | Path) -> None:
         """Continue from a checkpoint: weights, optimizer, RNG, data position and step."""
         directory = Path(checkpoint_dir)
-        load_model_weights(self.model, directory / WEIGHTS_FILE)
-        state = load_training_state(directory, self.optimizer)
+        if has_sharded_state(directory):
+            # Saved by several ranks: DCP reshards into this run's layout (any world size).
+            state = load_sharded_training_state(directory, self.model, self.optimizer)  # type: ignore[arg-type]
+        else:
+            load_model_weights(self.model, directory / WEIGHTS_FILE)
+            state = load_training_state(directory, self.optimizer)
         self.train_batches.load_state_dict(state["data"])
         self.step = int(state["step"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
@@ -301,6 +312,25 @@ class Trainer:
         if directory is None:
             return None
         rank_rng = self._gather_rank_rng()  # a collective: every rank takes part
+        extra_state = {
+            "train_seconds": self.train_seconds,
+            "grad_scaler": self.precision.state_dict(),
+            **({"rank_rng": rank_rng} if rank_rng is not None else {}),
+        }
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Every rank writes its shards (DCP); rank 0 adds the JSON files and renames.
+            save_sharded_training_checkpoint(
+                directory,
+                model=self.model,  # type: ignore[arg-type]
+                optimizer=self.optimizer,
+                step=self.step,
+                run_config=self.run_config,
+                data_state=self.train_batches.state_dict(),
+                tokenizer_path=self.tokenizer_path,
+                extra_state=extra_state,
+            )
+            logger.info("saved sharded checkpoint at step %d to %s", self.step, directory)
+            return directory
         if not self.is_main:  # rank 0 writes; the others wait so nobody runs ahead of the files
             barrier()
             return directory
@@ -312,11 +342,7 @@ class Trainer:
             run_config=self.run_config,
             data_state=self.train_batches.state_dict(),
             tokenizer_path=self.tokenizer_path,
-            extra_state={
-                "train_seconds": self.train_seconds,
-                "grad_scaler": self.precision.state_dict(),
-                **({"rank_rng": rank_rng} if rank_rng is not None else {}),
-            },
+            extra_state=extra_state,
         )
         logger.info("saved checkpoint at step %d to %s", self.step, directory)
         barrier()
