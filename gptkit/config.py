@@ -139,6 +139,10 @@ class DataConfig:
         _require(bool(self.dir), "data.dir", "must not be empty")
 
 
+STRATEGIES = ("single", "ddp", "fsdp", "tp", "fsdp+tp")
+SHARDED_STRATEGIES = ("fsdp", "tp", "fsdp+tp")  # parameters become DTensors
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """One training run: optimisation, schedule, evaluation and checkpointing."""
@@ -174,7 +178,14 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     # single: one process. ddp: one replica per process under torchrun, gradients all-reduced.
-    strategy: Literal["single", "ddp"] = "single"
+    # fsdp: FSDP2, parameters, gradients and optimizer state sharded over the ranks.
+    # tp: tensor parallel, each block's attention heads and MLP hidden units split over tp_size ranks
+    # that all see the same data. fsdp+tp: a 2-D mesh (dp = world / tp_size, tp_size), TP inside
+    # and FSDP across. See gptkit/distributed/mesh.py.
+    strategy: Literal["single", "ddp", "fsdp", "tp", "fsdp+tp"] = "single"
+    # tp: 1 means "all launched ranks" (pure TP); fsdp+tp: required, >= 2, and the world size must
+    # be a multiple of it with at least 2 data-parallel groups; other strategies: must stay 1.
+    tp_size: int = 1
     dist_timeout_s: float = 1800.0  # a collective that waits longer than this fails the run
 
     def __post_init__(self) -> None:
@@ -195,7 +206,31 @@ class TrainConfig:
         _choice(self.optimizer, "train.optimizer", ("adamw", "muon"))
         _choice(self.schedule, "train.schedule", ("cosine", "wsd"))
         _choice(self.precision, "train.precision", ("fp32", "bf16", "fp16"))
-        _choice(self.strategy, "train.strategy", ("single", "ddp"))
+        _choice(self.strategy, "train.strategy", STRATEGIES)
+        _positive(self.tp_size, "train.tp_size")
+        if self.strategy not in ("tp", "fsdp+tp"):
+            _require(
+                self.tp_size == 1,
+                "train.tp_size",
+                f"a TP degree of {self.tp_size} needs train.strategy tp or fsdp+tp; got {self.strategy}",
+            )
+        if self.strategy == "fsdp+tp":
+            _require(
+                self.tp_size >= 2,
+                "train.tp_size",
+                f"fsdp+tp needs a TP degree >= 2 (use strategy fsdp for none); got {self.tp_size}",
+            )
+        if self.strategy in SHARDED_STRATEGIES:
+            _require(
+                self.optimizer != "muon",
+                "train.optimizer",
+                f"muon is not supported with strategy {self.strategy} yet; use adamw",
+            )
+            _require(
+                self.precision != "fp16",
+                "train.precision",
+                f"fp16 (loss scaling) is not supported with strategy {self.strategy} yet; use bf16 or fp32",
+            )
         _positive(self.dist_timeout_s, "train.dist_timeout_s")
         _require(0.0 < self.decay_fraction <= 1.0, "train.decay_fraction", f"must be in (0, 1]; got {self.decay_fraction}")
         _require(0.0 <= self.muon_momentum < 1.0, "train.muon_momentum", f"must be in [0, 1); got {self.muon_momentum}")

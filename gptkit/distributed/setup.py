@@ -63,19 +63,19 @@ def init_distributed(strategy: str, device: torch.device, *, timeout_s: float = 
                 f"train.strategy: single runs one process but {world_size} were launched; use --train.strategy=ddp"
             )
         return DistInfo(device=device)
-    if strategy != "ddp":
-        raise ConfigError(f"train.strategy: must be one of single, ddp; got {strategy!r}")
+    if strategy not in ("ddp", "fsdp", "tp", "fsdp+tp"):
+        raise ConfigError(f"train.strategy: must be one of single, ddp, fsdp, tp, fsdp+tp; got {strategy!r}")
     missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
     if missing:
         raise ConfigError(
-            f"train.strategy: ddp needs torchrun's environment (missing {', '.join(missing)}); "
+            f"train.strategy: {strategy} needs torchrun's environment (missing {', '.join(missing)}); "
             "launch with `torchrun --nproc_per_node=N -m gptkit.cli train ...`"
         )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(
-                f"train.strategy: ddp rank {rank} wants cuda:{local_rank} but this machine has "
+                f"train.strategy: {strategy} rank {rank} wants cuda:{local_rank} but this machine has "
                 f"{torch.cuda.device_count()} CUDA devices; launch at most that many processes per node"
             )
         device = torch.device("cuda", local_rank)

@@ -19,6 +19,25 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def split_by_mesh(groups: list[dict]) -> list[dict]:
+    """Under fsdp/tp the parameters are DTensors on different meshes (TP: 1-D "tp"; FSDP: "dp" or
+    2-D "dp"x"tp") or plain tensors (replicated under TP). A fused/foreach kernel takes one kind per
+    call, and it runs once per param group, so each group is split by mesh. No-op without DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    result = []
+    for group in groups:
+        by_mesh: dict[object, list] = {}
+        for p in group["params"]:
+            key = (id(p.device_mesh), p.device_mesh.ndim) if isinstance(p, DTensor) else None
+            by_mesh.setdefault(key, []).append(p)
+        if len(by_mesh) <= 1:
+            result.append(group)
+            continue
+        result.extend({**group, "params": params} for params in by_mesh.values())
+    return result
+
+
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     """The 2-D weights inside the transformer blocks: what Muon orthogonalises. Embeddings and
     the LM head stay with AdamW (their rows are looked up one token at a time, not mixed)."""
@@ -45,7 +64,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
             ]
         )
     return torch.optim.AdamW(
-        parameter_groups(model, config.weight_decay),
+        split_by_mesh(parameter_groups(model, config.weight_decay)),
         lr=config.lr,
         betas=(config.beta1, config.beta2),
         eps=config.eps,

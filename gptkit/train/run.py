@@ -16,6 +16,7 @@ from gptkit.checkpoint import model_config_from_checkpoint, read_checkpoint_conf
 from gptkit.config import RunConfig, TrainConfig, apply_overrides, run_config_from_dict, to_dict
 from gptkit.data import load_meta, prepare_dataset
 from gptkit.data.loader import BatchLoader, eval_batches
+from gptkit.distributed.mesh import ParallelDims
 from gptkit.distributed.setup import init_distributed
 from gptkit.errors import CheckpointError, ConfigError
 from gptkit.model.gpt import GPT
@@ -76,6 +77,10 @@ def build_trainer(config: RunConfig, *, progress: bool = False) -> Trainer:
     )
     if not world.is_main:
         logging.getLogger("gptkit").setLevel(logging.WARNING)  # rank 0 logs for the run
+    # The layout (dp x tp) is checked against the launch and the model before any work.
+    dims = ParallelDims.from_config(train_config, world.world_size)
+    dims.validate_model(config.model)
+    dp_rank = dims.dp_rank(world.rank)
     if world.is_main:
         meta = ensure_prepared(config, progress=progress)
     if world.world_size > 1:
@@ -90,8 +95,9 @@ def build_trainer(config: RunConfig, *, progress: bool = False) -> Trainer:
     model = GPT(model_config)
     if world.world_size > 1:
         # Same initial weights everywhere (DDP also broadcasts rank 0's), then a stream of random
-        # numbers per rank, so ranks draw different dropout masks.
-        torch.manual_seed(train_config.seed + world.rank)
+        # numbers per data-parallel rank, so replicas draw different dropout masks while the ranks
+        # of one TP group (same data, replicated activations) draw the same ones.
+        torch.manual_seed(train_config.seed + dp_rank)
     logger.info("model: %s parameters", f"{model.num_parameters():,}")
     data_dir = Path(config.data.dir)
     train_batches = BatchLoader(
@@ -100,8 +106,8 @@ def build_trainer(config: RunConfig, *, progress: bool = False) -> Trainer:
         train_config.batch_size,
         model_config.block_size,
         seed=train_config.seed,
-        rank=world.rank,
-        world_size=world.world_size,
+        rank=dp_rank,  # TP ranks read the same batches: data parallelism is over "dp" only
+        world_size=dims.dp,
     )
     val = eval_batches(data_dir, "val", train_config.batch_size, model_config.block_size, train_config.eval_batches)
     return Trainer(

@@ -24,7 +24,7 @@ from torch import nn
 
 from gptkit.checkpoint import WEIGHTS_FILE, has_sharded_state, load_model_weights
 from gptkit.config import TrainConfig
-from gptkit.distributed.parallelize import parallelize
+from gptkit.distributed.parallelize import clip_grad_norm, parallelize
 from gptkit.distributed.precision import PrecisionPolicy
 from gptkit.distributed.setup import barrier, mean_over_ranks
 from gptkit.fileio import atomic_write_text
@@ -110,14 +110,15 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.run_config = run_config or {}
         self.tokenizer_path = tokenizer_path
+        # forward_model (DDP / compiled) shares parameters with self.model; checkpoints save self.model.
+        # Parallelize before building the optimizer: fsdp/tp replace parameters with DTensors.
+        self.forward_model: nn.Module = parallelize(self.model, config, self.device)
         self.optimizer = build_optimizer(self.model, config)
         self.step = 0
         self.train_seconds = 0.0  # wall-clock spent in fit() over all sessions of this run
         self.current_lr = 0.0
         self.skipped_steps = 0  # fp16 steps skipped for inf/nan gradients, this session
         self.precision = PrecisionPolicy(config.precision, self.device)
-        # forward_model (DDP / compiled) shares parameters with self.model; checkpoints save self.model.
-        self.forward_model: nn.Module = parallelize(self.model, config, self.device)
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
 
     # ------------------------------------------------------------------ paths
@@ -202,14 +203,7 @@ class Trainer:
             total_loss += float(loss.detach()) / config.grad_accum_steps
         total_loss = mean_over_ranks(total_loss)
         self.precision.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-        if config.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip))
-        else:
-            grad_norm = float(
-                torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])
-                )
-            )
+        grad_norm = clip_grad_norm(self.model.parameters(), config.grad_clip)  # also over DTensors
         if not self.precision.step(self.optimizer):
             self.skipped_steps += 1
             logger.warning(
