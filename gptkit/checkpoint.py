@@ -116,6 +116,47 @@ def load_model_weights(model: GPT, weights_path: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
+# ---------------------------------------------------------------------------------- TP row order
+#
+# Tensor parallelism regroups the rows of fused projections (qkv = [q, k, v], swiglu up =
+# [gate, up]) so that TP rank r's contiguous block holds [q_r, k_r, v_r]; the *global* tensor of a
+# TP run is then in "row order tp". A sharded checkpoint records that degree ("tp_row_order" in
+# config.json and trainer_state.json) and readers convert: canonical = saved[argsort(order(tp))].
+
+
+def fused_row_order(sizes: list[int], tp: int) -> torch.Tensor:
+    """Index ``new = old[order]`` that regroups parts of ``sizes`` rows as [p0_0, p1_0, ..., p0_1, ...]
+    (part_r = r-th of tp equal slices of each part); the identity for tp = 1."""
+    offsets = [0]
+    for size in sizes[:-1]:
+        offsets.append(offsets[-1] + size)
+    order = [
+        torch.arange(start + r * (size // tp), start + (r + 1) * (size // tp))
+        for r in range(tp)
+        for start, size in zip(offsets, sizes)
+    ]
+    return torch.cat(order)
+
+
+def _fused_sizes(name: str, rows: int, config: ModelConfig) -> list[int] | None:
+    if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
+        return [config.n_head * config.head_dim, config.kv_heads * config.head_dim, config.kv_heads * config.head_dim]
+    if config.mlp == "swiglu" and name.endswith(("mlp.up.weight", "mlp.up.bias")):
+        return [rows // 2, rows // 2]
+    return None
+
+
+def convert_row_order(name: str, tensor: torch.Tensor, config: ModelConfig, from_tp: int, to_tp: int) -> torch.Tensor:
+    """``tensor`` (a full parameter, or optimizer state shaped like it) in row order ``to_tp``."""
+    if from_tp == to_tp or tensor.dim() == 0:
+        return tensor
+    sizes = _fused_sizes(name, tensor.shape[0], config)
+    if sizes is None:
+        return tensor
+    to_canonical = torch.argsort(fused_row_order(sizes, from_tp))
+    return tensor[to_canonical[fused_row_order(sizes, to_tp)]]
+
+
 def has_sharded_state(directory: Path) -> bool:
     return (directory / SHARDED_DIR / ".metadata").is_file()
 
@@ -172,7 +213,11 @@ def load_sharded_model_weights(model: GPT, directory: Path) -> None:
     state = {MODEL_PREFIX + name: tensor for name, tensor in model.state_dict().items()}
     check_sharded_shapes(shard_dir, state, "model config")
     load_sharded(state, shard_dir)
-    model.load_state_dict({name[len(MODEL_PREFIX):]: tensor for name, tensor in state.items()})
+    from_tp = int((read_checkpoint_config(directory).get("sharded") or {}).get("tp_row_order", 1))
+    model.load_state_dict(
+        {key[len(MODEL_PREFIX):]: convert_row_order(key[len(MODEL_PREFIX):], t, model.config, from_tp, 1)
+         for key, t in state.items()}
+    )
 
 
 def load_checkpoint_model(path: str | Path, *, device: str | torch.device = "cpu") -> GPT:

@@ -30,6 +30,7 @@ layout the resuming run has: a checkpoint from 2 DDP ranks resumes on 1 process,
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -47,6 +48,7 @@ from gptkit.checkpoint import (
     SHARDED_DIR,
     TOKENIZER_FILE,
     check_sharded_shapes,
+    convert_row_order,
     load_sharded,
     write_model_files,
 )
@@ -108,6 +110,10 @@ def save_training_checkpoint(
         if tokenizer_path is not None and tokenizer_path.exists():
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
         tensors, optimizer_meta = _optimizer_tensors(optimizer)
+        # Parameter names in index order, so another layout (FSDP/TP, whose optimizer may group
+        # parameters differently) can map this state by name.
+        names = {id(p): name for name, p in model.named_parameters()}
+        optimizer_meta["param_names"] = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
         rng = {"torch": _encode_rng(torch.get_rng_state())}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -155,6 +161,19 @@ def is_replicated(model: torch.nn.Module) -> bool:
     return not any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def tp_row_order(model: torch.nn.Module) -> int:
+    """The TP degree whose fused-row grouping ``model``'s global qkv/up tensors are in (1: none)."""
+    blocks = getattr(model, "blocks", None)
+    return int(getattr(blocks[0], "_gptkit_tp", 1)) if blocks is not None and len(blocks) else 1
+
+
+def _convert_optim_rows(optim_state: dict[str, Any], config: Any, from_tp: int, to_tp: int) -> None:
+    for name, values in optim_state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                values[key] = convert_row_order(name, value, config, from_tp, to_tp)
+
+
 def _rng_state() -> dict[str, Any]:
     rng: dict[str, Any] = {"torch": _encode_rng(torch.get_rng_state())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -193,7 +212,8 @@ def save_sharded_training_checkpoint(
     failure: Exception | None = None
     if rank == 0:
         try:
-            extra_config = {"run": run_config, "step": step}
+            sharded = {"world_size": world_size, "tp_row_order": tp_row_order(model)}
+            extra_config = {"run": run_config, "step": step, "sharded": sharded}
             if is_replicated(model):  # rank 0 holds every weight: the single file costs little
                 write_model_files(tmp, model, extra_config)
             else:
@@ -210,7 +230,7 @@ def save_sharded_training_checkpoint(
                     "step": step,
                     "data": data_state,
                     "rng": _rng_state(),
-                    "sharded": {"world_size": world_size},
+                    "sharded": sharded,
                     **(extra_state or {}),
                 },
             )
@@ -228,7 +248,7 @@ def save_sharded_training_checkpoint(
 def load_sharded_training_state(directory: Path, model: GPT, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load model and optimizer from ``directory/sharded`` into this run's layout (any number of
     processes, one without a process group included) and restore RNG; return the trainer state."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     try:
         state = json.loads((directory / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
@@ -237,16 +257,93 @@ def load_sharded_training_state(directory: Path, model: GPT, optimizer: torch.op
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot resume from {directory}: corrupt training state ({exc})") from None
     shard_dir = directory / SHARDED_DIR
-    model_state, optim_state = get_state_dict(model, optimizer)
+    saved_tp, here_tp = int((state.get("sharded") or {}).get("tp_row_order", 1)), tp_row_order(model)
+    reorder = saved_tp != here_tp
+    # Another TP degree permutes the fused rows globally, which DCP's resharding cannot express:
+    # then every rank loads whole tensors, converts the row order, and keeps its shard.
+    options = StateDictOptions(full_state_dict=reorder and not is_replicated(model))
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     check_sharded_shapes(shard_dir, {MODEL_PREFIX + k: v for k, v in model_state.items()}, "model")
+    # The optimizer's grouping follows this run's layout (TP/FSDP split groups by device mesh),
+    # and its hyper-parameters come from the run config (lr is set every step): keep the current
+    # param_groups, take only the per-parameter state (keyed by name) from the checkpoint.
+    current_groups = copy.deepcopy(optim_state["param_groups"])
     everything = {"model": model_state, "optim": optim_state}
     load_sharded(everything, shard_dir)
+    everything["optim"]["param_groups"] = current_groups
+    if reorder:
+        config = model.config
+        everything["model"] = {k: convert_row_order(k, v, config, saved_tp, here_tp) for k, v in model_state.items()}
+        _convert_optim_rows(everything["optim"], config, saved_tp, here_tp)
     try:
-        set_state_dict(model, optimizer, model_state_dict=everything["model"], optim_state_dict=everything["optim"])
+        set_state_dict(
+            model, optimizer, model_state_dict=everything["model"], optim_state_dict=everything["optim"], options=options
+        )
         torch.set_rng_state(_decode_rng(state["rng"]["torch"]))
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([_decode_rng(s) for s in state["rng"]["cuda"]])
     except (KeyError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot resume from {directory}: training state does not fit this run ({first})") from None
+    return state
+
+
+def load_full_training_state_sharded(directory: Path, model: GPT, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Resume a single-file checkpoint (model.safetensors + optimizer.safetensors, written by one
+    process) into a model whose parameters are DTensor shards (FSDP2 / TP): every rank reads the
+    full tensors and ``set_state_dict`` keeps its own shard. Returns the trainer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    from gptkit.checkpoint import WEIGHTS_FILE
+
+    state_path = directory / TRAINER_STATE_FILE
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        weights = load_file(str(directory / WEIGHTS_FILE))
+        tensors = load_file(str(directory / OPTIMIZER_FILE))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"cannot resume from {directory}: missing {Path(exc.filename).name}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as exc:
+        raise CheckpointError(f"cannot resume from {directory}: corrupt training state ({exc})") from None
+    if model.config.tie_embeddings and "lm_head.weight" not in weights and "token_embedding.weight" in weights:
+        weights["lm_head.weight"] = weights["token_embedding.weight"]
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name not in weights:
+            raise CheckpointError(f"{directory / WEIGHTS_FILE} does not fit this model: no tensor {name}")
+        if tuple(weights[name].shape) != tuple(tensor.shape):  # a DTensor's shape is the global one
+            raise CheckpointError(
+                f"{directory / WEIGHTS_FILE}: tensor {name} has shape {tuple(weights[name].shape)}, "
+                f"this model needs {tuple(tensor.shape)}"
+            )
+    here_tp = tp_row_order(model)
+    weights = {k: convert_row_order(k, v, model.config, 1, here_tp) for k, v in weights.items()}
+    # The single-process optimizer state is keyed by parameter index (order of param_groups);
+    # set_state_dict wants parameter names. Same recipe, same groups, same order.
+    names = {id(p): name for name, p in model.named_parameters()}
+    ordered = state["optimizer"].get("param_names") or [
+        names[id(p)] for group in optimizer.param_groups for p in group["params"]  # older checkpoints
+    ]
+    by_index = _optimizer_state_dict(tensors, state["optimizer"])
+    try:
+        optim_state = {
+            "state": {ordered[int(i)]: values for i, values in by_index["state"].items()},
+            # This run's grouping (split by device mesh) and hyper-parameters; see above.
+            "param_groups": [
+                {**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]}
+                for group in optimizer.param_groups
+            ],
+        }
+        _convert_optim_rows(optim_state, model.config, 1, here_tp)
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=weights,
+            optim_state_dict=optim_state,
+            options=StateDictOptions(full_state_dict=True),
+        )
+        torch.set_rng_state(_decode_rng(state["rng"]["torch"]))
+    except (KeyError, IndexError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot resume from {directory}: training state does not fit this run ({first})") from None
     return state

@@ -31,6 +31,8 @@ from gptkit.fileio import atomic_write_text
 from gptkit.train.checkpointing import (
     _decode_rng,
     _encode_rng,
+    is_replicated,
+    load_full_training_state_sharded,
     load_sharded_training_state,
     load_training_state,
     save_sharded_training_checkpoint,
@@ -139,6 +141,9 @@ class Trainer:
         if has_sharded_state(directory):
             # Saved by several ranks: DCP reshards into this run's layout (any world size).
             state = load_sharded_training_state(directory, self.model, self.optimizer)  # type: ignore[arg-type]
+        elif not is_replicated(self.model):
+            # One process wrote whole tensors; this run shards them (FSDP2 / TP).
+            state = load_full_training_state_sharded(directory, self.model, self.optimizer)  # type: ignore[arg-type]
         else:
             load_model_weights(self.model, directory / WEIGHTS_FILE)
             state = load_training_state(directory, self.optimizer)
