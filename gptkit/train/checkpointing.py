@@ -238,7 +238,8 @@ def save_sharded_training_checkpoint(
         except Exception as exc:  # tell the other ranks, so they fail too instead of waiting
             error[0], failure = f"{type(exc).__name__}: {exc}", exc
             shutil.rmtree(tmp, ignore_errors=True)
-    dist.broadcast_object_list(error, src=0)  # also the barrier: nobody runs ahead of the rename
+    dist.broadcast_object_list(error, src=0)  # nobody runs ahead of the rename
+    dist.barrier()  # the broadcast can return on rank 0 first; leave the save together
     if error[0] is not None:
         if failure is not None:
             raise failure
