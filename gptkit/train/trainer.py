@@ -239,8 +239,12 @@ class Trainer:
             if tokens_per_step == 0:
                 x_shape = self.train_batches_shape()
                 # Global throughput: every rank consumes its own micro-batches.
+                # Data-parallel replicas see different tokens; tensor-parallel ranks share theirs.
                 world_size = dist.get_world_size() if dist.is_initialized() else 1
-                tokens_per_step = x_shape[0] * x_shape[1] * config.grad_accum_steps * world_size
+                data_parallel = world_size // config.tp_size if config.strategy == "fsdp+tp" else (
+                    1 if config.strategy == "tp" else world_size
+                )
+                tokens_per_step = x_shape[0] * x_shape[1] * config.grad_accum_steps * data_parallel
             window_tokens += tokens_per_step
             now = time.perf_counter()
             tokens_per_second = window_tokens / max(now - window_start, 1e-9)
