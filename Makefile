@@ -26,7 +26,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m slow -q || [ $$? -eq 5 ]  # 5: no slow tests selected
+	# Multi-process torchrun tests on 2 shared cores: a failed test gets one rerun (--lf) before failing.
+	$(BIN)/python -m pytest -m slow -q || [ $$? -eq 5 ] || $(BIN)/python -m pytest -m slow -q --lf
 
 test-all: test test-slow
 
