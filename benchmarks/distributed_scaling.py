@@ -1,4 +1,4 @@
-"""Data-parallel scaling on CPU: training tokens/s of one process vs two DDP processes (gloo).
+"""Data-parallel scaling on CPU: training tokens/s of one process vs two DDP or FSDP2 processes (gloo).
 
 Every configuration is a real ``gptkit train`` run (the second under torchrun) on the same small
 corpus and model shape, with the same per-process batch (weak scaling: two processes train on
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog, and the cat sat on the mat.\n" for i in range(3000))
 
 
-def run(workdir: Path, name: str, *, nproc: int, threads: int, args: list[str]) -> list[float]:
+def run(workdir: Path, name: str, *, nproc: int, threads: int, args: list[str], strategy: str = "ddp") -> list[float]:
     """Per-step global tokens/s of one training run."""
     env = {
         k: v for k, v in os.environ.items()
@@ -43,7 +43,7 @@ def run(workdir: Path, name: str, *, nproc: int, threads: int, args: list[str]) 
     else:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            *train, "--train.strategy=ddp",
+            *train, f"--train.strategy={strategy}",
         ]
     log(f"{name}: {' '.join(command[1:])}")
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
@@ -78,6 +78,7 @@ def main() -> None:
             "1 process, 1 thread": dict(nproc=1, threads=1),
             "1 process, 2 threads": dict(nproc=1, threads=2),
             "2 processes (DDP, gloo), 1 thread each": dict(nproc=2, threads=1),
+            "2 processes (FSDP2, gloo), 1 thread each": dict(nproc=2, threads=1, strategy="fsdp"),
         }
         samples: dict[str, list[float]] = {name: [] for name in configs}
         for round_ in range(repeats):  # alternate, so background load hits every configuration alike
@@ -88,14 +89,16 @@ def main() -> None:
     base = speed["1 process, 1 thread"]
     rows = []
     for name, value in speed.items():
-        cores = configs[name]["nproc"] * configs[name]["threads"]
+        cores = int(configs[name]["nproc"]) * int(configs[name]["threads"])
         rows.append([name, cores, f"{value:,.0f}", f"{value / base:.2f}x", f"{value / (cores * base):.2f}"])
     print("## Data-parallel scaling on CPU\n")
     tokens = args.batch_size * shape["block_size"]
     print(f"Model {shape}, {tokens} tokens per process per step, {steps} steps, median of per-step tokens/s.\n")
     print(markdown_table(["configuration", "cores", "tokens/s", "speed-up", "efficiency"], rows))
     efficiency = speed["2 processes (DDP, gloo), 1 thread each"] / (2 * base)
-    print(f"\nDDP efficiency (2-process tokens/s / (2 x 1-process tokens/s)): {efficiency:.2f}\n")
+    fsdp_efficiency = speed["2 processes (FSDP2, gloo), 1 thread each"] / (2 * base)
+    print(f"\nefficiency (2-process tokens/s / (2 x 1-process tokens/s)): DDP {efficiency:.2f}, "
+          f"FSDP2 {fsdp_efficiency:.2f}\n")
     print("\n".join(environment_lines({"benchmark": "distributed_scaling"}, load_at_start)))
 
 
