@@ -320,24 +320,11 @@ class Trainer:
             "grad_scaler": self.precision.state_dict(),
             **({"rank_rng": rank_rng} if rank_rng is not None else {}),
         }
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            # Every rank writes its shards (DCP); rank 0 adds the JSON files and renames.
-            save_sharded_training_checkpoint(
-                directory,
-                model=self.model,  # type: ignore[arg-type]
-                optimizer=self.optimizer,
-                step=self.step,
-                run_config=self.run_config,
-                data_state=self.train_batches.state_dict(),
-                tokenizer_path=self.tokenizer_path,
-                extra_state=extra_state,
-            )
-            logger.info("saved sharded checkpoint at step %d to %s", self.step, directory)
-            return directory
-        if not self.is_main:  # rank 0 writes; the others wait so nobody runs ahead of the files
-            barrier()
-            return directory
-        save_training_checkpoint(
+        # With several processes every rank writes its shards (DCP) and rank 0 adds the JSON files
+        # and renames; a single process writes the one-file checkpoint.
+        sharded = dist.is_initialized() and dist.get_world_size() > 1
+        save = save_sharded_training_checkpoint if sharded else save_training_checkpoint
+        save(
             directory,
             model=self.model,  # type: ignore[arg-type]
             optimizer=self.optimizer,
@@ -347,8 +334,7 @@ class Trainer:
             tokenizer_path=self.tokenizer_path,
             extra_state=extra_state,
         )
-        logger.info("saved checkpoint at step %d to %s", self.step, directory)
-        barrier()
+        logger.info("saved %scheckpoint at step %d to %s", "sharded " if sharded else "", self.step, directory)
         return directory
 
     # ------------------------------------------------------------------ per-rank random state
