@@ -82,6 +82,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         disable=args.quiet or not trainer.is_main,  # one bar, on rank 0
     )
     last_val: list[float] = []
+    is_main = trainer.is_main
 
     def on_step(metrics) -> None:
         bar.update(1)
@@ -97,7 +98,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
             summary = trainer.fit(on_step=on_step)
     finally:
         bar.close()
-    if not trainer.is_main:
+    from gptkit.distributed.setup import shutdown_distributed
+
+    del trainer  # its model and optimizer hold the process group's buffers; free them first
+    shutdown_distributed()
+    if not is_main:
         return 0
     val = f"{summary.final_val_loss:.4f}" if summary.final_val_loss is not None else "n/a"
     print(

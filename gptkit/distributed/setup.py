@@ -98,6 +98,20 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group together after a successful run.
+
+    All ranks first meet at a barrier (so no rank tears down its connections while a peer is still
+    inside a collective), then destroy the group while the interpreter is fully alive: gloo's worker
+    threads must not outlive it (otherwise the process can abort at exit). After a failure, do not
+    call this: a dead peer would make the barrier wait for the timeout; the atexit hook still runs.
+    """
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

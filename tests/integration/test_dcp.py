@@ -272,11 +272,6 @@ def test_one_process_checkpoint_resumes_on_two_tp_ranks_exactly(workdir: Path) -
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.skipif(not strategy_available("fsdp+tp"), reason="train.strategy=fsdp+tp is not in this build yet")
-@pytest.mark.skip(
-    reason="known flake: the losses continue exactly when it runs, but about 2 in 5 4-rank fsdp+tp launches that "
-    "save a DCP checkpoint abort at process exit ('terminate called without an active exception', after the "
-    "complete save); 0 in 5 without the save, 0 in 12 for 2-rank ddp/fsdp/tp. Unskip once understood."
-)
 def test_fsdp_tp_2x2_checkpoint_resumes_on_two_tp_ranks_exactly(workdir: Path) -> None:  # noqa: F811
     """dp=2 x tp=2 (4 ranks, batch 2 per dp group) -> tp=2 on 2 ranks with batch 4: the 2-D
     DTensors reshard onto a 1-D mesh and the data position (global batch 4) carries over."""
