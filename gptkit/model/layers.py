@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptkit.config import ModelConfig
+from gptkit.model.cpu_kernels import gelu_tanh
 from gptkit.model.kv_cache import KVCache
 
 
@@ -143,8 +144,9 @@ class MLP(nn.Module):
         if self.gated:
             gate, up = self.up(x).chunk(2, dim=-1)
             return self.down(F.silu(gate) * up)
-        # GPT-2 uses the tanh approximation of GELU; F.gelu computes it in one kernel.
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+        # GPT-2 uses the tanh approximation of GELU; on CPU a fused C kernel computes it (ATen's is
+        # slow there), elsewhere F.gelu does.
+        return self.down(gelu_tanh(self.up(x)))
 
 
 class Block(nn.Module):

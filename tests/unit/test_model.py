@@ -216,7 +216,8 @@ def test_kv_cache_greedy_equals_recomputation_for_every_option_combination() -> 
         assert torch.equal(cached, expected), config
 
 
-def test_prepacked_cpu_decoding_matches_the_plain_model() -> None:
+@pytest.mark.parametrize("batch", [1, 2])  # 1: decode steps take the one-row C kernel (when built)
+def test_prepacked_cpu_decoding_matches_the_plain_model(batch: int) -> None:
     from gptkit.model.packed import cpu_packing_available, packed_for_inference, should_pack
 
     if not cpu_packing_available():
@@ -224,16 +225,19 @@ def test_prepacked_cpu_decoding_matches_the_plain_model() -> None:
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, d_model=256)).eval()
     assert should_pack(model)
-    packed = packed_for_inference(model, batch_hint=2)
-    assert packed is packed_for_inference(model, batch_hint=2)  # cached
+    packed = packed_for_inference(model, batch_hint=batch)
+    assert packed is packed_for_inference(model, batch_hint=batch)  # cached
     assert packed.token_embedding.weight is model.token_embedding.weight  # shared, not copied
-    tokens = torch.randint(0, 300, (2, 20))
-    with torch.no_grad():
+    tokens = torch.randint(0, 300, (batch, 20))
+    with torch.inference_mode():
         torch.testing.assert_close(packed(tokens), model(tokens), atol=1e-5, rtol=1e-5)
+        one_token = tokens[:, -1:]
+        torch.testing.assert_close(packed(one_token), model(one_token), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
         expected = _greedy_by_recomputation(model, tokens[:, :5], 30)
     cached = torch.stack(list(decode_tokens(model, tokens[:, :5], max_new_tokens=30, temperature=0.0)), dim=1)
     assert torch.equal(cached, expected)
     # A changed weight invalidates the packed copy.
     with torch.no_grad():
         model.blocks[0].mlp.up.weight.mul_(2)
-    assert packed_for_inference(model, batch_hint=2) is not packed
+    assert packed_for_inference(model, batch_hint=batch) is not packed

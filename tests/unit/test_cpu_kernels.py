@@ -1,0 +1,127 @@
+"""The fused C kernels compute the same function as ATen, forward and backward, and every case
+they do not cover (or a machine that cannot build them) falls back to ATen without an error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptkit.model import cpu_kernels
+
+REPO = Path(__file__).resolve().parents[2]
+needs_compiler = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler on this machine"
+)
+
+
+def reference(x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tanh-GELU and its input gradient in float64, through ATen."""
+    x64 = x.detach().double().requires_grad_()
+    y = F.gelu(x64, approximate="tanh")
+    y.backward(grad.double())
+    return y.detach(), x64.grad
+
+
+@needs_compiler
+def test_kernels_build_on_this_machine() -> None:
+    # The test machine has a compiler: the fast path must really be taken, or the tests below
+    # would only be comparing ATen with itself.
+    assert cpu_kernels.available()
+    x = torch.randn(4096)
+    assert cpu_kernels._covered(x)
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [(12, 64, 512), (4097, 3), (1, 1, 3072), (2048,)])
+def test_gelu_tanh_matches_aten_forward_and_backward(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 4).requires_grad_()  # past the range where tanh saturates
+    grad = torch.randn(shape)
+    y = cpu_kernels.gelu_tanh(x)
+    y.backward(grad)
+    expected_y, expected_grad = reference(x, grad)
+    # As close to the float64 truth as ATen's own float32 kernel is (a few ulps).
+    aten_y = F.gelu(x.detach(), approximate="tanh").double()
+    assert (y.double() - expected_y).abs().max() <= 2 * (aten_y - expected_y).abs().max() + 1e-6
+    assert torch.allclose(y.double(), expected_y, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(x.grad.double(), expected_grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_gelu_tanh_over_the_whole_float_range() -> None:
+    x = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-3e38, 3e38, 1e-30, -1e-30, 0.0])])
+    assert torch.allclose(cpu_kernels.gelu_tanh(x).double(), F.gelu(x.double(), approximate="tanh"), rtol=1e-6, atol=1e-7)
+    special = torch.tensor([float("nan"), float("inf"), 1.0] + [0.0] * 4096)
+    out = cpu_kernels.gelu_tanh(special)
+    assert out[0].isnan() and out[1] == float("inf")
+
+
+def test_uncovered_inputs_fall_back_to_aten() -> None:
+    x = torch.randn(64, 128)
+    for tensor in (x.t(), x.double(), x[:4, :4]):  # non-contiguous, float64, below the size threshold
+        assert not cpu_kernels._covered(tensor)
+        assert torch.equal(cpu_kernels.gelu_tanh(tensor), F.gelu(tensor, approximate="tanh"))
+
+
+@needs_compiler
+def test_non_contiguous_gradient_falls_back_in_backward() -> None:
+    x = torch.randn(64, 128, requires_grad=True)
+    grad = torch.randn(128, 64).t()  # same shape, transposed storage
+    cpu_kernels.gelu_tanh(x).backward(grad)
+    _, expected = reference(x, grad)
+    assert torch.allclose(x.grad.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("out_features, in_features", [(2304, 768), (50, 77), (3, 8), (7, 3072), (1, 1)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_one_row_matches_f_linear(out_features: int, in_features: int, with_bias: bool) -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features)
+    bias = torch.randn(out_features) if with_bias else None
+    x = torch.randn(1, 1, in_features)
+    with torch.inference_mode():
+        y = cpu_kernels.linear_one_row(x, weight, bias)
+    assert y is not None and y.shape == (1, 1, out_features)
+    expected = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    # Summation order differs from BLAS: compare with the float64 result at float32's resolution.
+    assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-5 * in_features**0.5)
+
+
+def test_linear_one_row_declines_what_it_does_not_cover() -> None:
+    weight, x = torch.randn(16, 32), torch.randn(1, 32)
+    with torch.inference_mode():
+        assert cpu_kernels.linear_one_row(torch.randn(2, 32), weight, None) is None  # two rows
+        assert cpu_kernels.linear_one_row(x, weight.t().contiguous().t(), None) is None  # not row-major
+        assert cpu_kernels.linear_one_row(x.double(), weight.double(), None) is None
+    assert cpu_kernels.linear_one_row(x, weight, None) is None  # autograd on: not an inference call
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120)
+
+
+CHECK = (
+    "import torch, torch.nn.functional as F\n"
+    "from gptkit.model import cpu_kernels\n"
+    "x = torch.randn(8, 4096)\n"
+    "assert torch.equal(cpu_kernels.gelu_tanh(x), F.gelu(x, approximate='tanh'))\n"
+    "print(cpu_kernels.available())\n"
+)
+
+
+def test_switched_off_or_unbuildable_kernels_fall_back_without_error(tmp_path: Path) -> None:
+    off = _python(CHECK, GPTKIT_CPU_KERNELS="0", GPTKIT_CACHE=str(tmp_path))
+    assert off.returncode == 0 and off.stdout.strip() == "False", off.stderr
+    broken = _python(CHECK, CC="false", GPTKIT_CACHE=str(tmp_path))  # a "compiler" that always fails
+    assert broken.returncode == 0 and broken.stdout.strip() == "False", broken.stderr
+    assert "could not build gptkit's CPU kernels" in broken.stderr
+    assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written left behind
