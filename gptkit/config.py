@@ -220,17 +220,6 @@ class TrainConfig:
                 "train.tp_size",
                 f"fsdp+tp needs a TP degree >= 2 (use strategy fsdp for none); got {self.tp_size}",
             )
-        if self.strategy in SHARDED_STRATEGIES:
-            _require(
-                self.optimizer != "muon",
-                "train.optimizer",
-                f"muon is not supported with strategy {self.strategy} yet; use adamw",
-            )
-            _require(
-                self.precision != "fp16",
-                "train.precision",
-                f"fp16 (loss scaling) is not supported with strategy {self.strategy} yet; use bf16 or fp32",
-            )
         _positive(self.dist_timeout_s, "train.dist_timeout_s")
         _require(0.0 < self.decay_fraction <= 1.0, "train.decay_fraction", f"must be in (0, 1]; got {self.decay_fraction}")
         _require(0.0 <= self.muon_momentum < 1.0, "train.muon_momentum", f"must be in [0, 1); got {self.muon_momentum}")

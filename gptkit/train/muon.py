@@ -3,6 +3,11 @@ for the hidden weight matrices; AdamW for everything else (embeddings, head, bia
 
 Both live in one ``torch.optim.Optimizer`` so that the trainer, the schedule and checkpoints treat
 it like any other optimizer: groups with ``use_muon=True`` take the Muon update.
+
+Sharded parameters (DTensors, under FSDP2 and tensor parallel) work too. Everything elementwise
+(momentum, AdamW moments, weight decay) runs on the local shards. The orthogonalisation needs the
+whole matrix, so each rank gathers the direction, orthogonalises the full matrix (the same batched
+call as one process) and keeps its own slice of the result, without further communication.
 """
 
 from __future__ import annotations
@@ -35,6 +40,30 @@ def orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
     if transposed:
         x = x.mT
     return x.to(matrix.dtype)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole (global) matrix: a DTensor is gathered from its shards (a collective, so every rank
+    of its mesh must call it in the same order); a plain tensor is returned as it is."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def _like_param(update: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``update`` (the full matrix, identical on every rank) laid out like ``param``: for a DTensor,
+    this rank's shard of it, cut locally (``src_data_rank=None`` means no scatter/broadcast)."""
+    if not _is_dtensor(param):
+        return update
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(update, param.device_mesh, param.placements, src_data_rank=None)
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -79,13 +108,14 @@ class MuonWithAdamW(torch.optim.Optimizer):
             buffer.mul_(group["momentum"]).add_(p.grad)
             direction = p.grad.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer
             by_shape.setdefault(tuple(p.shape), []).append((p, direction))
-        for shape, items in by_shape.items():
-            updates = orthogonalize(torch.stack([d for _, d in items]), group["ns_steps"])
+        for shape, items in by_shape.items():  # shape is the global one, also for DTensors
+            # Newton-Schulz mixes all rows and columns: a sharded direction is orthogonalised whole.
+            updates = orthogonalize(torch.stack([_full(d) for _, d in items]), group["ns_steps"])
             scale = 0.2 * math.sqrt(max(shape))
             for (p, _), update in zip(items, updates):
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * scale)
+                p.add_(_like_param(update, p), alpha=-group["lr"] * scale)
 
     def _adamw_step(self, group: dict) -> None:
         beta1, beta2 = group["betas"]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptkit.checkpoint import WEIGHTS_FILE, has_sharded_state, load_model_weights
-from gptkit.config import TrainConfig
+from gptkit.config import SHARDED_STRATEGIES, TrainConfig
 from gptkit.distributed.parallelize import clip_grad_norm, parallelize
 from gptkit.distributed.precision import PrecisionPolicy
 from gptkit.distributed.setup import barrier, mean_over_ranks
@@ -120,7 +120,8 @@ class Trainer:
         self.train_seconds = 0.0  # wall-clock spent in fit() over all sessions of this run
         self.current_lr = 0.0
         self.skipped_steps = 0  # fp16 steps skipped for inf/nan gradients, this session
-        self.precision = PrecisionPolicy(config.precision, self.device)
+        # Sharded gradients: fp16 overflow checks must agree over all ranks (see PrecisionPolicy).
+        self.precision = PrecisionPolicy(config.precision, self.device, sharded=config.strategy in SHARDED_STRATEGIES)
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
 
     # ------------------------------------------------------------------ paths

@@ -57,9 +57,6 @@ def test_model_must_split_evenly_over_tp(model: dict, message: str) -> None:
     [
         (dict(strategy="ddp", tp_size=2), r"^train.tp_size: a TP degree of 2 needs train.strategy tp or fsdp\+tp; got ddp"),
         (dict(strategy="fsdp+tp"), r"^train.tp_size: fsdp\+tp needs a TP degree >= 2"),
-        (dict(strategy="fsdp", optimizer="muon"), r"^train.optimizer: muon is not supported with strategy fsdp yet; use adamw"),
-        (dict(strategy="tp", optimizer="muon"), r"^train.optimizer: muon is not supported with strategy tp yet"),
-        (dict(strategy="fsdp+tp", tp_size=2, precision="fp16"), r"^train.precision: fp16 .* not supported with strategy fsdp\+tp"),
         (dict(strategy="pp"), r"^train.strategy: must be one of single, ddp, fsdp, tp, fsdp\+tp"),
         (dict(tp_size=0), r"^train.tp_size: must be > 0"),
     ],
@@ -67,6 +64,13 @@ def test_model_must_split_evenly_over_tp(model: dict, message: str) -> None:
 def test_train_config_rejects(train: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**train)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "tp", "fsdp+tp"])
+def test_sharded_strategies_take_muon_and_fp16(strategy: str) -> None:
+    tp_size = 2 if strategy == "fsdp+tp" else 1
+    config = TrainConfig(strategy=strategy, tp_size=tp_size, optimizer="muon", precision="fp16")
+    assert (config.optimizer, config.precision) == ("muon", "fp16")
 
 
 def test_strategy_from_overrides() -> None:
