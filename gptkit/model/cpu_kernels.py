@@ -138,26 +138,38 @@ class _GeluTanh(torch.autograd.Function):
         return grad_input
 
 
-def linear_one_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """``F.linear(x, weight, bias)`` for a single row x (numel == in_features), streaming the
-    row-major weight once; None when the kernel does not cover the tensors (the caller then uses
-    another path). For inference only: no autograd.
+class OneRowLinear:
+    """``F.linear(x, weight, bias)`` for inputs with a single row (x.numel() == in_features), e.g.
+    a batch-1 decode step: streams the row-major (out, in) weight once, at memory speed.
 
-    x (..., in) with one row in all, weight (out, in), bias (out,) -> (..., out).
+    Inference only (no autograd). The weight and bias are fixed at construction, so a call does no
+    checks beyond the input's; ``for_linear`` returns None when the kernel cannot take the weights.
+    x (..., in) with one row in all -> (..., out).
     """
-    out_features, in_features = weight.shape
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    if x.numel() != in_features or not all(_plain_cpu_float(t) for t in tensors) or torch.is_grad_enabled():
-        return None
-    library = _library()
-    if library is None:
-        return None
-    y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
-    library.linear_one_row(
-        x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-        in_features, out_features, torch.get_num_threads(),
-    )
-    return y
+
+    def __init__(self, library: ctypes.CDLL, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, bias  # kept alive: the kernel reads their memory
+        self.out_features, self.in_features = weight.shape
+        self._kernel = library.linear_one_row
+        self._weight_ptr = weight.data_ptr()
+        self._bias_ptr = None if bias is None else bias.data_ptr()
+
+    @classmethod
+    def for_linear(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> OneRowLinear | None:
+        library = _library()
+        tensors = (weight,) if bias is None else (weight, bias)
+        if library is None or weight.dim() != 2 or not all(_plain_cpu_float(t) for t in tensors):
+            return None
+        return cls(library, weight.detach(), None if bias is None else bias.detach())
+
+    def covers(self, x: torch.Tensor) -> bool:
+        return x.numel() == self.in_features and x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
+        self._kernel(x.data_ptr(), self._weight_ptr, self._bias_ptr, y.data_ptr(), self.in_features,
+                     self.out_features, torch.get_num_threads())
+        return y
 
 
 def _plain_cpu_float(t: torch.Tensor) -> bool:
@@ -170,6 +182,11 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     Equal to ``F.gelu(x, approximate="tanh")`` within float32 rounding (about 1e-7 relative, tested);
     the fused C kernel runs when it covers ``x``, ATen's otherwise.
     """
-    if _covered(x) and _library() is not None:
+    library = _library()
+    if library is None or not _covered(x):
+        return F.gelu(x, approximate="tanh")
+    if x.requires_grad and torch.is_grad_enabled():
         return _GeluTanh.apply(x)
-    return F.gelu(x, approximate="tanh")
+    y = torch.empty_like(x)  # inference: no autograd node to build
+    library.gelu_tanh_forward(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
+    return y

@@ -20,7 +20,7 @@ import weakref
 import torch
 from torch import nn
 
-from gptkit.model.cpu_kernels import linear_one_row
+from gptkit.model.cpu_kernels import OneRowLinear
 from gptkit.model.gpt import GPT
 
 # Packing pays off when the weights are big enough that streaming them dominates a step.
@@ -45,13 +45,13 @@ class PackedLinear(nn.Module):
         self.weight = linear.weight.detach()  # shared with the model, row-major (out, in)
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
         self.bias = None if linear.bias is None else linear.bias.detach()
+        self.one_row = OneRowLinear.for_linear(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (..., in_features) -> (..., out_features). One row (a batch-1 decode step): our kernel
         # streams the row-major weight at memory speed. Otherwise oneDNN's blocked layout.
-        y = linear_one_row(x, self.weight, self.bias)
-        if y is not None:
-            return y
+        if self.one_row is not None and self.one_row.covers(x):
+            return self.one_row(x)
         # no post-op, so "none" with no scalars
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 

@@ -87,21 +87,25 @@ def test_linear_one_row_matches_f_linear(out_features: int, in_features: int, wi
     weight = torch.randn(out_features, in_features)
     bias = torch.randn(out_features) if with_bias else None
     x = torch.randn(1, 1, in_features)
-    with torch.inference_mode():
-        y = cpu_kernels.linear_one_row(x, weight, bias)
-    assert y is not None and y.shape == (1, 1, out_features)
+    linear = cpu_kernels.OneRowLinear.for_linear(weight, bias)
+    assert linear is not None and linear.covers(x)
+    y = linear(x)
+    assert y.shape == (1, 1, out_features)
     expected = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     # Summation order differs from BLAS: compare with the float64 result at float32's resolution.
     assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-5 * in_features**0.5)
 
 
+@needs_compiler
 def test_linear_one_row_declines_what_it_does_not_cover() -> None:
-    weight, x = torch.randn(16, 32), torch.randn(1, 32)
-    with torch.inference_mode():
-        assert cpu_kernels.linear_one_row(torch.randn(2, 32), weight, None) is None  # two rows
-        assert cpu_kernels.linear_one_row(x, weight.t().contiguous().t(), None) is None  # not row-major
-        assert cpu_kernels.linear_one_row(x.double(), weight.double(), None) is None
-    assert cpu_kernels.linear_one_row(x, weight, None) is None  # autograd on: not an inference call
+    weight = torch.randn(16, 32)
+    assert cpu_kernels.OneRowLinear.for_linear(weight.t().contiguous().t(), None) is None  # not row-major
+    assert cpu_kernels.OneRowLinear.for_linear(weight.double(), None) is None
+    linear = cpu_kernels.OneRowLinear.for_linear(weight, None)
+    assert linear is not None
+    assert not linear.covers(torch.randn(2, 32))  # two rows: the caller takes another path
+    assert not linear.covers(torch.randn(32, 2).t()[:1])  # one row, but strided
+    assert linear.covers(torch.randn(1, 1, 32))
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
