@@ -3,12 +3,13 @@
 Decoding reads every weight once per token, with only a few rows of activations: there the
 layout of the weights decides the speed. oneDNN (PyTorch's CPU backend, the path inductor's
 ``freezing`` takes) can reorder a Linear weight once into a blocked layout tuned for a given number
-of rows; on the 2-core test machine that makes GPT-2's decode step about 1.4x faster at batch 1 and
-2-3x faster at batch 8 than ``F.linear`` on the row-major weight.
+of rows; on the 2-core test machine that makes GPT-2's decode step 2-3x faster at batch 8 than
+``F.linear`` on the row-major weight. At batch 1 gptkit's own one-row kernel (``cpu_kernels``) reads
+the row-major weight at memory speed and needs no reordered copy.
 
 ``packed_for_inference(model)`` returns a view of the model for decoding: the same module tree,
-sharing every parameter, except that each ``nn.Linear`` is replaced by a ``PackedLinear`` holding
-the reordered weight. It is cached per model and rebuilt when any weight changes (an optimizer
+sharing every parameter, except that each ``nn.Linear`` is replaced by a ``PackedLinear`` (holding
+the reordered weight when the batch needs one). It is cached per model and rebuilt when any weight changes (an optimizer
 step, ``load_state_dict``), so callers need not think about it. The model itself is not touched.
 """
 
@@ -18,6 +19,7 @@ import copy
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gptkit.model.cpu_kernels import OneRowLinear
@@ -36,22 +38,30 @@ def cpu_packing_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """An inference-only ``nn.Linear`` whose weight lives in oneDNN's blocked layout."""
+    """An inference-only ``nn.Linear`` for decoding: one-row inputs go through gptkit's C kernel on
+    the model's own row-major weight; more rows through a copy of the weight in oneDNN's blocked
+    layout. At ``batch_hint`` 1 with the C kernel available no copy is made (decode steps never
+    need it; the prompt's prefill then takes ``F.linear``), so batch-1 decoding costs no extra memory.
+    """
 
     def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight = linear.weight.detach()  # shared with the model, row-major (out, in)
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
         self.bias = None if linear.bias is None else linear.bias.detach()
         self.one_row = OneRowLinear.for_linear(self.weight, self.bias)
+        self.packed_weight = (
+            None if batch_hint == 1 and self.one_row is not None
+            else torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (..., in_features) -> (..., out_features). One row (a batch-1 decode step): our kernel
-        # streams the row-major weight at memory speed. Otherwise oneDNN's blocked layout.
+        # (..., in_features) -> (..., out_features)
         if self.one_row is not None and self.one_row.covers(x):
             return self.one_row(x)
+        if self.packed_weight is None:
+            return F.linear(x, self.weight, self.bias)
         # no post-op, so "none" with no scalars
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 

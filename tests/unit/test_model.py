@@ -228,6 +228,15 @@ def test_prepacked_cpu_decoding_matches_the_plain_model(batch: int) -> None:
     packed = packed_for_inference(model, batch_hint=batch)
     assert packed is packed_for_inference(model, batch_hint=batch)  # cached
     assert packed.token_embedding.weight is model.token_embedding.weight  # shared, not copied
+    from gptkit.model import cpu_kernels
+    from gptkit.model.packed import PackedLinear
+
+    linears = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+    assert len(linears) == 2 * 4 + 1  # qkv, out, up, down per block, and the head
+    if batch == 1 and cpu_kernels.available():  # decode steps read the model's own weights: no copies
+        assert all(m.packed_weight is None and m.one_row is not None for m in linears)
+    else:
+        assert all(m.packed_weight is not None for m in linears)
     tokens = torch.randint(0, 300, (batch, 20))
     with torch.inference_mode():
         torch.testing.assert_close(packed(tokens), model(tokens), atol=1e-5, rtol=1e-5)
