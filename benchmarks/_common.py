@@ -23,6 +23,8 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+from gptkit.model.cpu_kernels import OneRowLinear  # noqa: E402
+
 
 def quiet_transformers() -> None:
     """Silence transformers' advisory warnings so that stdout holds only the report."""
@@ -111,6 +113,7 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
 WEIGHT_STREAM_METHODS = {
     "mv_out_in": "torch.mv over a (n/768, 768) matrix: y = W x, nn.Linear's (out, in) layout",
     "vm_in_out": "vector @ (768, n/768) matrix: y = x W, HF Conv1D's (in, out) layout",
+    "gptkit_one_row": "gptkit's one-row C kernel over the (n/768, 768) matrix: y = W x (when it builds here)",
     "sum": "plain read: sum of all the elements",
 }
 
@@ -120,7 +123,8 @@ def weight_stream_seconds(n_bytes: int, width: int = 768, repeats: int = 10) -> 
 
     A decode step at small batch has to read every weight once, so none of these can be beaten by
     it: the matrix-vector products are what a decode step does, the plain read (a sum) is the
-    least work that still touches every byte. Keys are those of WEIGHT_STREAM_METHODS.
+    least work that still touches every byte. Keys are those of WEIGHT_STREAM_METHODS (the
+    gptkit kernel only where it builds).
     """
     rows = max(1, n_bytes // 4 // width)
     gen = torch.Generator().manual_seed(0)
@@ -133,8 +137,11 @@ def weight_stream_seconds(n_bytes: int, width: int = 768, repeats: int = 10) -> 
     times = {
         "mv_out_in": best_time(lambda: torch.mv(out_in, vector, out=out), repeats, warmup=2),
         "vm_in_out": best_time(lambda: torch.mm(row_vector, in_out), repeats, warmup=2),
-        "sum": best_time(lambda: buffer.sum(), repeats, warmup=2),
     }
+    one_row = OneRowLinear.for_linear(out_in, None)
+    if one_row is not None:
+        times["gptkit_one_row"] = best_time(lambda: one_row(vector), repeats, warmup=2)
+    times["sum"] = best_time(lambda: buffer.sum(), repeats, warmup=2)
     del buffer, out_in, in_out
     return times
 

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -49,44 +50,51 @@ def _cache_dir() -> Path:
 
 
 def _cpu_fingerprint() -> str:
-    """The CPU model and its feature flags: -march=native code must not run on another CPU."""
+    """The CPU model and its feature flags: -march=native code must not run on another CPU.
+
+    x86 lists "model name" and "flags"; ARM lists "CPU implementer", "CPU part" and "Features".
+    """
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.processor() or platform.machine()
-    keep = [line for line in lines if line.startswith(("model name", "flags"))]
-    return "\n".join(dict.fromkeys(keep))  # once per distinct line, not once per core
+        lines = []
+    prefixes = ("model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU variant", "CPU part")
+    keep = [line for line in lines if line.startswith(prefixes)]
+    # Once per distinct line, not once per core; the platform strings cover a missing /proc.
+    return "\n".join([*dict.fromkeys(keep), platform.machine(), platform.processor()])
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _compiler_identity(compiler: list[str]) -> str:
+    """The compiler's command and version (another version may compile differently)."""
+    result = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30)
+    return " ".join(compiler) + "\n" + result.stdout.split("\n", 1)[0]
+
+
+def _compile(compiler: list[str], target: Path) -> None:
     with atomic_path(target) as tmp:
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(tmp)],
+            [*compiler, *FLAGS, str(SOURCE), "-o", str(tmp)],
             check=True, capture_output=True, text=True, timeout=120,
         )
+        tmp.chmod(0o755)  # mkstemp made it private; a shared cache must be loadable by everyone
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None when they are switched off or cannot be built here."""
-    if os.environ.get("GPTKIT_CPU_KERNELS", "1") == "0":
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+def _load() -> ctypes.CDLL | None:
+    command = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not command:
         logger.debug("no C compiler found; using ATen kernels")
         return None
+    compiler = shlex.split(command)  # CC may carry arguments ("ccache gcc")
     key = hashlib.sha256(
-        b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(), _cpu_fingerprint().encode()])
+        b"\0".join(
+            [SOURCE.read_bytes(), " ".join(FLAGS).encode(), _compiler_identity(compiler).encode(),
+             _cpu_fingerprint().encode()]
+        )
     ).hexdigest()[:20]
     target = _cache_dir() / f"cpu_kernels-{key}.so"
-    try:
-        if not target.exists():
-            _compile(compiler, target)
-        library = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        logger.warning("could not build gptkit's CPU kernels (%s); using ATen kernels", str(detail).strip()[:300])
-        return None
+    if not target.exists():
+        _compile(compiler, target)
+    library = ctypes.CDLL(str(target))
     pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {
         "gelu_tanh_forward": [pointer, pointer, size, threads],
@@ -100,8 +108,30 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when they are switched off or cannot be built here."""
+    if os.environ.get("GPTKIT_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        return _load()
+    except Exception as exc:  # noqa: BLE001 - any failure here only means: use ATen
+        detail = getattr(exc, "stderr", "") or exc
+        logger.warning("could not build gptkit's CPU kernels (%s); using ATen kernels", str(detail).strip()[:300])
+        return None
+
+
 def available() -> bool:
     return _library() is not None
+
+
+def _eager() -> bool:
+    """True in plain eager execution: not under torch.compile, torch.jit tracing or functorch
+    transforms (vmap, grad), none of which can see into a ctypes call."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return not (functorch_active is not None and functorch_active())
 
 
 def _covered(x: torch.Tensor) -> bool:
@@ -109,7 +139,6 @@ def _covered(x: torch.Tensor) -> bool:
     return (
         _plain_cpu_float(x)  # not a DTensor or another subclass, not a view with gaps
         and x.numel() >= MIN_ELEMENTS
-        and not torch.compiler.is_compiling()  # inductor fuses F.gelu itself
     )
 
 
@@ -128,7 +157,8 @@ class _GeluTanh(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        if not _covered(grad):
+        # With create_graph (double backward) the gradient must itself be differentiable: ATen's is.
+        if torch.is_grad_enabled() or not (_covered(grad) and _covered(x) and grad.shape == x.shape):
             return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
         library = _library()
         assert library is not None
@@ -142,17 +172,15 @@ class OneRowLinear:
     """``F.linear(x, weight, bias)`` for inputs with a single row (x.numel() == in_features), e.g.
     a batch-1 decode step: streams the row-major (out, in) weight once, at memory speed.
 
-    Inference only (no autograd). The weight and bias are fixed at construction, so a call does no
-    checks beyond the input's; ``for_linear`` returns None when the kernel cannot take the weights.
+    Inference only (no autograd). ``for_linear`` returns None when the kernel cannot take the
+    weights; ``covers(x)`` says whether it can take an input.
     x (..., in) with one row in all -> (..., out).
     """
 
     def __init__(self, library: ctypes.CDLL, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.weight, self.bias = weight, bias  # kept alive: the kernel reads their memory
+        self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
         self._kernel = library.linear_one_row
-        self._weight_ptr = weight.data_ptr()
-        self._bias_ptr = None if bias is None else bias.data_ptr()
 
     @classmethod
     def for_linear(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> OneRowLinear | None:
@@ -163,12 +191,21 @@ class OneRowLinear:
         return cls(library, weight.detach(), None if bias is None else bias.detach())
 
     def covers(self, x: torch.Tensor) -> bool:
-        return x.numel() == self.in_features and x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu"
+        return (
+            x.numel() == self.in_features
+            and x.shape[-1] == self.in_features
+            and _plain_cpu_float(x)
+            and _plain_cpu_float(self.weight)  # still true unless someone moved the weight's memory
+            and _eager()
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
-        self._kernel(x.data_ptr(), self._weight_ptr, self._bias_ptr, y.data_ptr(), self.in_features,
-                     self.out_features, torch.get_num_threads())
+        # Pointers are read on every call: the weight's memory can move (share_memory(), .to()).
+        self._kernel(
+            x.data_ptr(), self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
+            self.in_features, self.out_features, torch.get_num_threads(),
+        )
         return y
 
 
@@ -179,14 +216,21 @@ def _plain_cpu_float(t: torch.Tensor) -> bool:
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), of any shape.
 
-    Equal to ``F.gelu(x, approximate="tanh")`` within float32 rounding (about 1e-7 relative, tested);
-    the fused C kernel runs when it covers ``x``, ATen's otherwise.
+    Equal to ``F.gelu(x, approximate="tanh")`` within float32 rounding (absolute error below 6e-7
+    over the whole float range, as ATen's; tested); the fused C kernel runs when it covers ``x``
+    in eager mode, ATen's otherwise (torch.compile, jit tracing, functorch, forward-mode AD).
     """
-    library = _library()
-    if library is None or not _covered(x):
+    # Cheap checks first: under torch.compile nothing below may be traced into (inductor fuses
+    # F.gelu itself).
+    if not _covered(x) or not _eager():
         return F.gelu(x, approximate="tanh")
-    if x.requires_grad and torch.is_grad_enabled():
-        return _GeluTanh.apply(x)
-    y = torch.empty_like(x)  # inference: no autograd node to build
+    library = _library()
+    if library is None:
+        return F.gelu(x, approximate="tanh")
+    if torch.is_grad_enabled():
+        # Training: our autograd node when x needs a gradient; otherwise (e.g. forward-mode AD on a
+        # dual tensor, which does not set requires_grad) ATen, which handles every AD mode.
+        return _GeluTanh.apply(x) if x.requires_grad else F.gelu(x, approximate="tanh")
+    y = torch.empty_like(x)  # no_grad / inference_mode: no autograd node to build
     library.gelu_tanh_forward(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
     return y

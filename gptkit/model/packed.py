@@ -83,7 +83,9 @@ MAX_HINTS = 2
 
 
 def _weights_key(model: GPT) -> tuple:
-    return tuple((id(p), p._version) for p in model.parameters())
+    # The version counts in-place writes; the data pointer catches memory swapped in under the same
+    # tensor object (``p.data = ...``, ``share_memory()``, a dtype round trip).
+    return tuple((id(p), p._version, p.data_ptr()) for p in model.parameters())
 
 
 def packed_for_inference(model: GPT, batch_hint: int = 1) -> GPT:

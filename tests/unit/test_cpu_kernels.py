@@ -3,6 +3,7 @@ they do not cover (or a machine that cannot build them) falls back to ATen witho
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -54,13 +55,50 @@ def test_gelu_tanh_matches_aten_forward_and_backward(shape: tuple[int, ...]) -> 
     assert torch.allclose(x.grad.double(), expected_grad, rtol=1e-5, atol=1e-5)
 
 
+def exact_gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(2u) in float64: the same function as 0.5 x (1 + tanh(u)), without its cancellation
+    for negative x."""
+    x = x.double()
+    return x * torch.sigmoid(2.0 * math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))
+
+
 @needs_compiler
 def test_gelu_tanh_over_the_whole_float_range() -> None:
-    x = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-3e38, 3e38, 1e-30, -1e-30, 0.0])])
-    assert torch.allclose(cpu_kernels.gelu_tanh(x).double(), F.gelu(x.double(), approximate="tanh"), rtol=1e-6, atol=1e-7)
+    finite = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-3e38, 3e38, 1e-30, -1e-30, 0.0])])
+    spread = torch.randn(100_000) * torch.logspace(-20, 20, 100_000)
+    for x in (finite, spread):
+        with torch.no_grad():  # the inference path; the autograd path is compared above
+            y = cpu_kernels.gelu_tanh(x)
+        assert (y.double() - exact_gelu_tanh(x)).abs().max() <= 6e-7
     special = torch.tensor([float("nan"), float("inf"), 1.0] + [0.0] * 4096)
-    out = cpu_kernels.gelu_tanh(special)
+    with torch.no_grad():
+        out = cpu_kernels.gelu_tanh(special)
     assert out[0].isnan() and out[1] == float("inf")
+
+
+@needs_compiler
+def test_double_backward_is_differentiable() -> None:
+    """A gradient penalty differentiates the GELU's backward: that must go through autograd."""
+    torch.manual_seed(0)
+    x0 = torch.randn(64, 128)
+    results = []
+    for gelu in (cpu_kernels.gelu_tanh, lambda t: F.gelu(t, approximate="tanh")):
+        x = x0.clone().requires_grad_()
+        y = gelu(x)
+        (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        (y.sum() + g.square().sum()).backward()
+        results.append(x.grad)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+
+
+@needs_compiler
+def test_torch_compile_traces_the_mlp_without_graph_breaks() -> None:
+    from gptkit.model import GPT, ModelConfig
+
+    model = GPT(ModelConfig(n_layer=2, n_head=2, d_model=64, block_size=16, vocab_size=50))
+    tokens = torch.randint(0, 50, (2, 16))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # raises on a graph break
+    torch.testing.assert_close(compiled(tokens), model(tokens))
 
 
 def test_uncovered_inputs_fall_back_to_aten() -> None:
@@ -105,7 +143,21 @@ def test_linear_one_row_declines_what_it_does_not_cover() -> None:
     assert linear is not None
     assert not linear.covers(torch.randn(2, 32))  # two rows: the caller takes another path
     assert not linear.covers(torch.randn(32, 2).t()[:1])  # one row, but strided
+    assert not linear.covers(torch.randn(2, 16))  # 32 numbers, but not one row of 32
     assert linear.covers(torch.randn(1, 1, 32))
+
+
+@needs_compiler
+def test_linear_one_row_follows_the_weight_when_its_memory_moves() -> None:
+    # share_memory_() moves a tensor's storage and keeps the object: the kernel must not read freed memory.
+    weight, bias, x = torch.randn(64, 96), torch.randn(64), torch.randn(1, 96)
+    linear = cpu_kernels.OneRowLinear.for_linear(weight, bias)
+    assert linear is not None
+    before = linear(x)
+    weight.share_memory_()
+    bias.share_memory_()
+    torch.testing.assert_close(linear(x), before)
+    torch.testing.assert_close(linear(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:

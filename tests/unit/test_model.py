@@ -249,4 +249,8 @@ def test_prepacked_cpu_decoding_matches_the_plain_model(batch: int) -> None:
     # A changed weight invalidates the packed copy.
     with torch.no_grad():
         model.blocks[0].mlp.up.weight.mul_(2)
-    assert packed_for_inference(model, batch_hint=batch) is not packed
+    fresh = packed_for_inference(model, batch_hint=batch)
+    assert fresh is not packed
+    # So does new memory under the same parameter object (p.data = ..., share_memory()).
+    model.blocks[0].mlp.up.weight.data = model.blocks[0].mlp.up.weight.data.clone()
+    assert packed_for_inference(model, batch_hint=batch) is not fresh
