@@ -32,7 +32,7 @@ from _common import (  # noqa: E402
 )
 
 from gptkit.generate.generator import decode_tokens
-from gptkit.model.cpu_kernels import OneRowLinear
+from gptkit.model.cpu_kernels import FewRowsLinear, OneRowLinear
 from gptkit.model import GPT, ModelConfig, preset_values
 from gptkit.model.hf import to_hf
 
@@ -116,7 +116,8 @@ def profile_decode(model: GPT, hf: torch.nn.Module, prompt: torch.Tensor, new_to
 def linear_kernels(model: GPT, batches: list[int], repeats: int = 5) -> str:
     """Time one pass over every matmul weight of the model (the decode step's matmuls, without
     attention, norms or Python) with several kernels, for each batch size: F.linear (MKL), torch.mm,
-    oneDNN prepacked (gptkit at batch > 1) and gptkit's one-row kernel (gptkit at batch 1)."""
+    oneDNN prepacked (gptkit above batch 8) and gptkit's C kernels (one-row at batch 1, blocked at
+    2..8)."""
     import torch.nn.functional as F
 
     linears = [(m.weight, m.bias) for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -135,11 +136,14 @@ def linear_kernels(model: GPT, batches: list[int], repeats: int = 5) -> str:
             ]
         except (AttributeError, RuntimeError):  # op missing in this build
             pass
-        one_row = [OneRowLinear.for_linear(w.detach(), None if bias is None else bias.detach()) for w, bias in linears]
-        if b == 1 and all(k is not None for k in one_row):
-            variants["gptkit one-row C kernel (as gptkit at batch 1)"] = lambda: [
-                kernel(inputs[kernel.in_features]) for kernel in one_row
-            ]
+        kind = OneRowLinear if b == 1 else FewRowsLinear
+        if b <= FewRowsLinear.MAX_ROWS:
+            kernels = [kind.for_linear(w.detach(), None if bias is None else bias.detach()) for w, bias in linears]
+            if all(k is not None for k in kernels):
+                name = "gptkit one-row C kernel" if b == 1 else "gptkit blocked C kernel"
+                variants[f"{name} (as gptkit at this batch)"] = lambda kernels=kernels: [
+                    kernel(inputs[kernel.in_features]) for kernel in kernels
+                ]
         with torch.inference_mode():
             for name, fn in variants.items():
                 rows.append([b, name, f"{best_time(fn, repeats) * 1e3:.1f}"])

@@ -2,8 +2,8 @@
 
 Only where ATen is slow for the shapes gptkit runs: GPT-2's tanh-GELU (ATen's vectorised tanh costs
 about as much as the surrounding matmuls at small widths on CPUs like the 2-core test machine), and
-the matrix-vector product of a batch-1 decode step, which must stream every weight from memory once
-per token and should do so at the memory's speed.
+the linears of a decode step at batch 1 to 8, which must stream every weight from memory once per
+token and should do so at the memory's speed.
 The source is ``csrc/cpu_kernels.c``: plain C with OpenMP, no PyTorch headers, so it compiles in
 well under a second. The shared library is cached under ``$GPTKIT_CACHE/kernels`` (default
 ``~/.cache/gptkit/kernels``), keyed by the source, the flags, the compiler and the CPU, and loaded
@@ -100,6 +100,7 @@ def _load() -> ctypes.CDLL | None:
         "gelu_tanh_forward": [pointer, pointer, size, threads],
         "gelu_tanh_backward": [pointer, pointer, pointer, size, threads],
         "linear_one_row": [pointer, pointer, pointer, pointer, size, size, threads],
+        "linear_blocked8": [pointer, pointer, pointer, pointer, size, size, size, threads],
     }
     for name, argtypes in signatures.items():
         function = getattr(library, name)
@@ -205,6 +206,53 @@ class OneRowLinear:
         self._kernel(
             x.data_ptr(), self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
             self.in_features, self.out_features, torch.get_num_threads(),
+        )
+        return y
+
+
+class FewRowsLinear:
+    """``F.linear(x, weight, bias)`` for inputs of 2 to 8 rows (a decode step at a small batch),
+    on a copy of the weight in a blocked layout, (ceil(out / 8), in, 8), made once: every weight is
+    read from memory once per call, for all rows together. Inference only (no autograd).
+
+    x (..., in) with 2..8 rows in all -> (..., out).
+    """
+
+    MAX_ROWS = 8
+
+    def __init__(self, library: ctypes.CDLL, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.out_features, self.in_features = weight.shape
+        blocks = -(-self.out_features // 8)
+        padded = torch.zeros(blocks * 8, self.in_features, dtype=torch.float32)
+        padded[: self.out_features] = weight
+        # (blocks, 8, in) -> (blocks, in, 8): block b holds output columns 8b..8b+7 per input feature.
+        self.blocked_weight = padded.view(blocks, 8, self.in_features).transpose(1, 2).contiguous()
+        self.bias = bias
+        self._kernel = library.linear_blocked8
+
+    @classmethod
+    def for_linear(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> FewRowsLinear | None:
+        library = _library()
+        tensors = (weight,) if bias is None else (weight, bias)
+        if library is None or weight.dim() != 2 or not all(_plain_cpu_float(t) for t in tensors):
+            return None
+        with torch.no_grad():
+            return cls(library, weight.detach(), None if bias is None else bias.detach())
+
+    def covers(self, x: torch.Tensor) -> bool:
+        return (
+            x.shape[-1] == self.in_features
+            and 2 <= x.numel() // self.in_features <= self.MAX_ROWS
+            and _plain_cpu_float(x)
+            and _eager()
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
+        self._kernel(
+            x.data_ptr(), self.blocked_weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
+            y.data_ptr(), rows, self.in_features, self.out_features, torch.get_num_threads(),
         )
         return y
 

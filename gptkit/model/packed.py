@@ -1,16 +1,18 @@
 """CPU inference with prepacked weights.
 
 Decoding reads every weight once per token, with only a few rows of activations: there the
-layout of the weights decides the speed. oneDNN (PyTorch's CPU backend, the path inductor's
-``freezing`` takes) can reorder a Linear weight once into a blocked layout tuned for a given number
-of rows; on the 2-core test machine that makes GPT-2's decode step 2-3x faster at batch 8 than
-``F.linear`` on the row-major weight. At batch 1 gptkit's own one-row kernel (``cpu_kernels``) reads
-the row-major weight at memory speed and needs no reordered copy.
+layout of the weights decides the speed. gptkit's C kernels (``cpu_kernels``) read nn.Linear's
+row-major weight at memory speed for one row (batch-1 decode steps, no copy), and a blocked copy
+made once for 2 to 8 rows (about 1.4x oneDNN's prepacked weights at batch 8 on the 2-core test
+machine, and 2-3x ``F.linear``). For more rows, or where the C kernels cannot be built, oneDNN
+(PyTorch's CPU backend, the path inductor's ``freezing`` takes) reorders the weight once into its
+own blocked layout tuned for the batch size.
 
 ``packed_for_inference(model)`` returns a view of the model for decoding: the same module tree,
 sharing every parameter, except that each ``nn.Linear`` is replaced by a ``PackedLinear`` (holding
-the reordered weight when the batch needs one). It is cached per model and rebuilt when any weight changes (an optimizer
-step, ``load_state_dict``), so callers need not think about it. The model itself is not touched.
+the reordered weight when the batch needs one). It is cached per model and rebuilt when any weight
+changes (an optimizer step, ``load_state_dict``), so callers need not think about it. The model
+itself is not touched.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptkit.model.cpu_kernels import OneRowLinear
+from gptkit.model.cpu_kernels import FewRowsLinear, OneRowLinear
 from gptkit.model.gpt import GPT
 
 # Packing pays off when the weights are big enough that streaming them dominates a step.
@@ -38,10 +40,14 @@ def cpu_packing_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """An inference-only ``nn.Linear`` for decoding: one-row inputs go through gptkit's C kernel on
-    the model's own row-major weight; more rows through a copy of the weight in oneDNN's blocked
-    layout. At ``batch_hint`` 1 with the C kernel available no copy is made (decode steps never
-    need it; the prompt's prefill then takes ``F.linear``), so batch-1 decoding costs no extra memory.
+    """An inference-only ``nn.Linear`` for decoding, choosing a kernel by the number of input rows:
+
+    - 1 row (batch-1 decode steps): gptkit's one-row C kernel on the model's own row-major weight;
+    - 2..8 rows (decode steps at batch_hint 2..8): gptkit's C kernel on a blocked copy of the weight;
+    - otherwise (batch_hint > 8, or without the C kernels): oneDNN's blocked copy for batch_hint rows;
+    - anything else (a prompt's prefill): ``F.linear`` on the model's weight.
+
+    At most one copy of the weight is made, and none at batch_hint 1.
     """
 
     def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
@@ -51,8 +57,10 @@ class PackedLinear(nn.Module):
         self.weight = linear.weight.detach()  # shared with the model, row-major (out, in)
         self.bias = None if linear.bias is None else linear.bias.detach()
         self.one_row = OneRowLinear.for_linear(self.weight, self.bias)
+        few_rows_hint = 2 <= batch_hint <= FewRowsLinear.MAX_ROWS
+        self.few_rows = FewRowsLinear.for_linear(self.weight, self.bias) if few_rows_hint else None
         self.packed_weight = (
-            None if batch_hint == 1 and self.one_row is not None
+            None if self.few_rows is not None or (batch_hint == 1 and self.one_row is not None)
             else torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
         )
 
@@ -60,6 +68,8 @@ class PackedLinear(nn.Module):
         # (..., in_features) -> (..., out_features)
         if self.one_row is not None and self.one_row.covers(x):
             return self.one_row(x)
+        if self.few_rows is not None and self.few_rows.covers(x):
+            return self.few_rows(x)
         if self.packed_weight is None:
             return F.linear(x, self.weight, self.bias)
         # no post-op, so "none" with no scalars

@@ -160,6 +160,34 @@ def test_linear_one_row_follows_the_weight_when_its_memory_moves() -> None:
     torch.testing.assert_close(linear(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
+@needs_compiler
+@pytest.mark.parametrize("rows", [2, 3, 7, 8])
+@pytest.mark.parametrize("out_features, in_features", [(2304, 768), (50, 77), (3, 8), (9, 3072), (1, 1)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_few_rows_linear_matches_f_linear(rows: int, out_features: int, in_features: int, with_bias: bool) -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features)
+    bias = torch.randn(out_features) if with_bias else None
+    x = torch.randn(rows, 1, in_features)
+    linear = cpu_kernels.FewRowsLinear.for_linear(weight, bias)
+    assert linear is not None and linear.covers(x)
+    y = linear(x)
+    assert y.shape == (rows, 1, out_features)
+    expected = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-5 * in_features**0.5)
+
+
+@needs_compiler
+def test_few_rows_linear_declines_what_it_does_not_cover() -> None:
+    linear = cpu_kernels.FewRowsLinear.for_linear(torch.randn(16, 32), None)
+    assert linear is not None
+    assert not linear.covers(torch.randn(1, 32))  # one row: OneRowLinear's
+    assert not linear.covers(torch.randn(9, 32))  # more than 8 rows
+    assert not linear.covers(torch.randn(32, 4).t())  # strided
+    assert not linear.covers(torch.randn(4, 16))  # wrong width
+    assert linear.covers(torch.randn(2, 4, 32))
+
+
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
     return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120)

@@ -216,7 +216,7 @@ def test_kv_cache_greedy_equals_recomputation_for_every_option_combination() -> 
         assert torch.equal(cached, expected), config
 
 
-@pytest.mark.parametrize("batch", [1, 2])  # 1: decode steps take the one-row C kernel (when built)
+@pytest.mark.parametrize("batch", [1, 3, 8])  # C kernels (when built): one-row at 1, blocked at 3 and 8
 def test_prepacked_cpu_decoding_matches_the_plain_model(batch: int) -> None:
     from gptkit.model.packed import cpu_packing_available, packed_for_inference, should_pack
 
@@ -233,8 +233,10 @@ def test_prepacked_cpu_decoding_matches_the_plain_model(batch: int) -> None:
 
     linears = [m for m in packed.modules() if isinstance(m, PackedLinear)]
     assert len(linears) == 2 * 4 + 1  # qkv, out, up, down per block, and the head
-    if batch == 1 and cpu_kernels.available():  # decode steps read the model's own weights: no copies
+    if cpu_kernels.available():
+        # batch 1: decode steps read the model's own weights (no copy); 2..8: one blocked copy.
         assert all(m.packed_weight is None and m.one_row is not None for m in linears)
+        assert all((m.few_rows is None) == (batch == 1) for m in linears)
     else:
         assert all(m.packed_weight is not None for m in linears)
     tokens = torch.randint(0, 300, (batch, 20))

@@ -159,3 +159,41 @@ void linear_one_row(const float *x, const float *w, const float *bias, float *y,
         dot_rows(x, w + r0 * in, in, rows, bias ? bias + r0 : NULL, y + r0);
     }
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Y = X W^T + b for 2..8 input rows (a decode step at a small batch), on a blocked copy of W.
+ *
+ * The blocked layout is (ceil(out / 8), in, 8): block b holds output columns 8b..8b+7, one 8-float
+ * vector per input feature, contiguous (the caller builds it once, zero-padding the last block).
+ * For each block the kernel walks i = 0..in once, loads that vector, and multiply-adds it into one
+ * accumulator per input row with x[r][i] broadcast: 8 accumulators, one load of W per 8
+ * multiply-adds, no horizontal sums, and W is read from memory exactly once for all rows.
+ * Rows past m alias the last real row (their results are computed and dropped).
+ */
+#define MAX_ROWS 8
+
+/* x: (m, in) with 1 <= m <= 8, w_blocked: (ceil(out / 8), in, 8), bias: (out,) or NULL, y: (m, out) */
+void linear_blocked8(const float *x, const float *w_blocked, const float *bias, float *y, int64_t m,
+                     int64_t in, int64_t out, int threads) {
+    int64_t blocks = (out + 7) / 8;
+    const float *xr[MAX_ROWS];
+    for (int r = 0; r < MAX_ROWS; r++) xr[r] = x + (r < m ? r : m - 1) * in;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && blocks > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        const float *wb = w_blocked + b * in * 8;
+        const float *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3];
+        const float *x4 = xr[4], *x5 = xr[5], *x6 = xr[6], *x7 = xr[7];
+        v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+        for (int64_t i = 0; i < in; i++) {
+            v8f wv = load8(wb + i * 8);
+            a0 += x0[i] * wv; a1 += x1[i] * wv; a2 += x2[i] * wv; a3 += x3[i] * wv;
+            a4 += x4[i] * wv; a5 += x5[i] * wv; a6 += x6[i] * wv; a7 += x7[i] * wv;
+        }
+        v8f acc[MAX_ROWS] = {a0, a1, a2, a3, a4, a5, a6, a7};
+        int64_t j0 = 8 * b;
+        int cols = out - j0 < 8 ? (int)(out - j0) : 8;
+        for (int64_t r = 0; r < m; r++) {
+            for (int c = 0; c < cols; c++) y[r * out + j0 + c] = acc[r][c] + (bias ? bias[j0 + c] : 0.0f);
+        }
+    }
+}
