@@ -56,7 +56,8 @@ def decode_tokens(
         seen = torch.zeros(batch_size, model.config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, tokens, True)
 
-    # On CPU, big models decode with weights prepacked for oneDNN (same numbers, faster kernels).
+    # On CPU, big models decode through kernels tuned for a few rows (gptkit's C kernels, or oneDNN's
+    # prepacked weights above 8 rows): same numbers, faster steps. See gptkit/model/packed.py.
     net = packed_for_inference(model, batch_size) if should_pack(model) else model
     # Room for exactly this request (the last new token is never fed back), up to the context.
     cache = model.new_kv_cache(batch_size, max_len=min(block_size, prompt_len + max_new_tokens - 1))
