@@ -31,6 +31,7 @@ from typing import Any
 
 from gptkit.config import ModelConfig
 from gptkit.errors import ConfigError
+from gptkit.model.presets import LLAMA_ARCHITECTURE
 
 # --------------------------------------------------------------------------------------------
 # Data: large shapes and GPUs
@@ -41,14 +42,6 @@ from gptkit.errors import ConfigError
 # and 13B (d_model 5140) rows are not self-consistent; 16 heads on 2048 and d_model 5120 (40 x 128)
 # are the shapes that divide.
 _GPT3 = {"vocab_size": 50257, "block_size": 2048, "bias": True, "tie_embeddings": True}
-_LLAMA = {
-    "position": "rope",
-    "norm": "rmsnorm",
-    "mlp": "swiglu",
-    "bias": False,
-    "tie_embeddings": False,
-    "norm_eps": 1e-5,
-}
 
 PLAN_PRESETS: dict[str, dict[str, Any]] = {
     "gpt3-1.3b": {**_GPT3, "n_layer": 24, "n_head": 16, "d_model": 2048},
@@ -57,12 +50,12 @@ PLAN_PRESETS: dict[str, dict[str, Any]] = {
     "gpt3-13b": {**_GPT3, "n_layer": 40, "n_head": 40, "d_model": 5120},
     "gpt3-175b": {**_GPT3, "n_layer": 96, "n_head": 96, "d_model": 12288},
     # Llama 2 (Touvron et al., 2023): 4096-token context, 32000-token vocabulary; 70B uses GQA.
-    "llama-2-7b": {**_LLAMA, "n_layer": 32, "n_head": 32, "d_model": 4096, "d_ff": 11008,
+    "llama-2-7b": {**LLAMA_ARCHITECTURE, "n_layer": 32, "n_head": 32, "d_model": 4096, "d_ff": 11008,
                    "vocab_size": 32000, "block_size": 4096},
-    "llama-2-70b": {**_LLAMA, "n_layer": 80, "n_head": 64, "n_kv_head": 8, "d_model": 8192,
+    "llama-2-70b": {**LLAMA_ARCHITECTURE, "n_layer": 80, "n_head": 64, "n_kv_head": 8, "d_model": 8192,
                     "d_ff": 28672, "vocab_size": 32000, "block_size": 4096},
     # Beyond: Llama 3.1 405B (Dubey et al., 2024) and the 1T shape of Narayanan et al. 2021 (Megatron).
-    "llama-3-405b": {**_LLAMA, "n_layer": 126, "n_head": 128, "n_kv_head": 8, "d_model": 16384,
+    "llama-3-405b": {**LLAMA_ARCHITECTURE, "n_layer": 126, "n_head": 128, "n_kv_head": 8, "d_model": 16384,
                      "d_ff": 53248, "vocab_size": 128256, "block_size": 8192, "rope_base": 500000.0},
     "gpt-1t": {**_GPT3, "n_layer": 128, "n_head": 160, "d_model": 25600, "vocab_size": 51200},
 }

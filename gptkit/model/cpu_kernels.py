@@ -169,6 +169,14 @@ class _GeluTanh(torch.autograd.Function):
         return grad_input
 
 
+def _library_for_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> ctypes.CDLL | None:
+    """The kernels, if they are built and can read this Linear's weight (out, in) and bias in place."""
+    tensors = (weight,) if bias is None else (weight, bias)
+    if weight.dim() != 2 or not all(_plain_cpu_float(t) for t in tensors):
+        return None
+    return _library()
+
+
 class OneRowLinear:
     """``F.linear(x, weight, bias)`` for inputs with a single row (x.numel() == in_features), e.g.
     a batch-1 decode step: streams the row-major (out, in) weight once, at memory speed.
@@ -185,11 +193,8 @@ class OneRowLinear:
 
     @classmethod
     def for_linear(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> OneRowLinear | None:
-        library = _library()
-        tensors = (weight,) if bias is None else (weight, bias)
-        if library is None or weight.dim() != 2 or not all(_plain_cpu_float(t) for t in tensors):
-            return None
-        return cls(library, weight.detach(), None if bias is None else bias.detach())
+        library = _library_for_weights(weight, bias)
+        return None if library is None else cls(library, weight.detach(), None if bias is None else bias.detach())
 
     def covers(self, x: torch.Tensor) -> bool:
         return (
@@ -232,9 +237,8 @@ class FewRowsLinear:
 
     @classmethod
     def for_linear(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> FewRowsLinear | None:
-        library = _library()
-        tensors = (weight,) if bias is None else (weight, bias)
-        if library is None or weight.dim() != 2 or not all(_plain_cpu_float(t) for t in tensors):
+        library = _library_for_weights(weight, bias)
+        if library is None:
             return None
         with torch.no_grad():
             return cls(library, weight.detach(), None if bias is None else bias.detach())

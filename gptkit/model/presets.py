@@ -7,7 +7,8 @@ from typing import Any
 from gptkit.errors import ConfigError
 
 _GPT2 = {"vocab_size": 50257, "block_size": 1024, "bias": True}
-_LLAMA = {
+# The Llama architecture's options (RoPE, RMSNorm, SwiGLU, no biases, untied); also gptkit.plan's.
+LLAMA_ARCHITECTURE: dict[str, Any] = {
     "position": "rope",
     "norm": "rmsnorm",
     "mlp": "swiglu",
@@ -27,9 +28,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt-mini": {"n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 64, "vocab_size": 512},
     "gpt-small-cpu": {"n_layer": 6, "n_head": 6, "d_model": 192, "block_size": 128, "vocab_size": 512},
     # Llama-style shapes: RoPE, RMSNorm, SwiGLU, no biases, untied embeddings.
-    "llama-tiny": {**_LLAMA, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "d_model": 128,
+    "llama-tiny": {**LLAMA_ARCHITECTURE, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "d_model": 128,
                    "block_size": 256, "vocab_size": 512},
-    "llama-125m": {**_LLAMA, "n_layer": 12, "n_head": 12, "n_kv_head": 4, "d_model": 768,
+    "llama-125m": {**LLAMA_ARCHITECTURE, "n_layer": 12, "n_head": 12, "n_kv_head": 4, "d_model": 768,
                    "d_ff": 2048, "block_size": 2048, "vocab_size": 32000},
 }
 
