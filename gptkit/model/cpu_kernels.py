@@ -4,7 +4,7 @@ Only where ATen is slow for the shapes gptkit runs: GPT-2's tanh-GELU (ATen's ve
 about as much as the surrounding matmuls at small widths on CPUs like the 2-core test machine), and
 the linears of a decode step at batch 1 to 8, which must stream every weight from memory once per
 token and should do so at the memory's speed.
-The source is ``csrc/cpu_kernels.c``: plain C with OpenMP, no PyTorch headers, so it compiles in
+The sources are ``csrc/*.c`` (one shared library each): plain C with OpenMP, no PyTorch headers, so it compiles in
 well under a second. The shared library is cached under ``$GPTKIT_CACHE/kernels`` (default
 ``~/.cache/gptkit/kernels``), keyed by the source, the flags, the compiler and the CPU, and loaded
 with ctypes; the kernels read and write the tensors' memory directly.
@@ -34,7 +34,7 @@ from gptkit.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
+CSRC = Path(__file__).parent / "csrc"
 # -fno-trapping-math and -ffinite-math-only let the compiler vectorise the clamps and selects; NaN and
 # inf inputs still give NaN and inf outputs (tested).
 FLAGS = (
@@ -70,56 +70,70 @@ def _compiler_identity(compiler: list[str]) -> str:
     return " ".join(compiler) + "\n" + result.stdout.split("\n", 1)[0]
 
 
-def _compile(compiler: list[str], target: Path) -> None:
+def _compile(compiler: list[str], source: Path, target: Path) -> None:
     with atomic_path(target) as tmp:
         subprocess.run(
-            [*compiler, *FLAGS, str(SOURCE), "-o", str(tmp)],
+            [*compiler, *FLAGS, f"-I{CSRC}", str(source), "-o", str(tmp)],
             check=True, capture_output=True, text=True, timeout=120,
         )
         tmp.chmod(0o755)  # mkstemp made it private; a shared cache must be loadable by everyone
 
 
-def _load() -> ctypes.CDLL | None:
+def _load(name: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
     command = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not command:
         logger.debug("no C compiler found; using ATen kernels")
         return None
     compiler = shlex.split(command)  # CC may carry arguments ("ccache gcc")
+    source = CSRC / f"{name}.c"
+    headers = [header.read_bytes() for header in sorted(CSRC.glob("*.h"))]
     key = hashlib.sha256(
         b"\0".join(
-            [SOURCE.read_bytes(), " ".join(FLAGS).encode(), _compiler_identity(compiler).encode(),
+            [source.read_bytes(), *headers, " ".join(FLAGS).encode(), _compiler_identity(compiler).encode(),
              _cpu_fingerprint().encode()]
         )
     ).hexdigest()[:20]
-    target = _cache_dir() / f"cpu_kernels-{key}.so"
+    target = _cache_dir() / f"{name}-{key}.so"
     if not target.exists():
-        _compile(compiler, target)
+        _compile(compiler, source, target)
     library = ctypes.CDLL(str(target))
-    pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    signatures = {
-        "gelu_tanh_forward": [pointer, pointer, size, threads],
-        "gelu_tanh_backward": [pointer, pointer, pointer, size, threads],
-        "linear_one_row": [pointer, pointer, pointer, pointer, size, size, threads],
-        "linear_blocked8": [pointer, pointer, pointer, pointer, size, size, size, threads],
-    }
-    for name, argtypes in signatures.items():
-        function = getattr(library, name)
+    for function_name, argtypes in signatures.items():
+        function = getattr(library, function_name)
         function.argtypes = argtypes
         function.restype = None
     return library
 
 
+POINTER, SIZE, THREADS = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None when they are switched off or cannot be built here."""
+def load_library(name: str, signatures: tuple[tuple[str, tuple], ...]) -> ctypes.CDLL | None:
+    """The shared library built from ``csrc/<name>.c`` with the given (function, argtypes)
+    signatures, or None when the kernels are switched off or cannot be built here. Each source is
+    its own library, so one that fails to build does not take the others with it."""
     if os.environ.get("GPTKIT_CPU_KERNELS", "1") == "0":
         return None
     try:
-        return _load()
+        return _load(name, {function: list(argtypes) for function, argtypes in signatures})
     except Exception as exc:  # noqa: BLE001 - any failure here only means: use ATen
         detail = getattr(exc, "stderr", "") or exc
-        logger.warning("could not build gptkit's CPU kernels (%s); using ATen kernels", str(detail).strip()[:300])
+        logger.warning("could not build gptkit's CPU kernels %s.c (%s); using ATen kernels", name,
+                       str(detail).strip()[:300])
         return None
+
+
+_SIGNATURES = (
+    ("gelu_tanh_forward", (POINTER, POINTER, SIZE, THREADS)),
+    ("gelu_tanh_backward", (POINTER, POINTER, POINTER, SIZE, THREADS)),
+    ("linear_one_row", (POINTER, POINTER, POINTER, POINTER, SIZE, SIZE, THREADS)),
+    ("linear_blocked8", (POINTER, POINTER, POINTER, POINTER, SIZE, SIZE, SIZE, THREADS)),
+)
+
+
+def _library() -> ctypes.CDLL | None:
+    """The kernels of ``csrc/cpu_kernels.c``, or None when they are switched off or cannot be built."""
+    return load_library("cpu_kernels", _SIGNATURES)
 
 
 def available() -> bool:

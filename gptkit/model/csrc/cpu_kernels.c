@@ -11,44 +11,7 @@
  *
  * Each function takes contiguous float32 arrays of n elements and the number of threads to use.
  */
-#include <stdint.h>
-#include <string.h>
-#include <math.h>
-
-#define K0 1.5957691216057308f   /* 2 * sqrt(2 / pi) */
-#define K1 0.0713548162726009f   /* 0.044715 * K0 */
-
-/* exp(v) for v in [-87, 88], relative error about 1e-7 (1-2 ulp):
- * exp(v) = 2^k * exp(r), k = round(v / ln 2), |r| <= ln(2) / 2, exp(r) by its degree-6 Taylor
- * polynomial (the first omitted term is below 2e-7 there). ln 2 is split in two (Cody-Waite) so
- * that r keeps its precision. */
-static inline float exp_approx(float v) {
-    v = fmaxf(v, -87.0f);
-    v = fminf(v, 88.0f);
-    /* k = v / ln 2 rounded to the nearest integer: adding 1.5 * 2^23 pushes the fraction out. */
-    float k = (v * 1.4426950408889634f + 12582912.0f) - 12582912.0f;
-    float r = v - k * 0.693145751953125f;      /* high part of ln 2 (exact in float) */
-    r = r - k * 1.4286068203094172e-06f;       /* low part */
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t bits = ((int32_t)k + 127) << 23;  /* 2^k as a float's bit pattern */
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
-static inline float sigmoid_of_gelu_arg(float x) {
-    float z = x * (K0 + K1 * x * x);
-    /* Below -87, exp(-z) would be clamped; sigmoid(z) < 2e-38 there, so return 0 (x s(z) must
-     * stay 0 even for |x| near the float limit). */
-    float s = 1.0f / (1.0f + exp_approx(-z));
-    return z < -87.0f ? 0.0f : s;
-}
+#include "common.h"
 
 /* The elementwise loops work on blocks: each thread takes whole blocks, and the plain loop over
  * one block is what the compiler vectorises. */
@@ -95,59 +58,8 @@ void gelu_tanh_backward(const float *grad, const float *x, float *out, int64_t n
  * row with x. The step is bound by reading W from memory once; the kernel streams it in row order
  * (each thread a contiguous half, etc.) and keeps four rows in flight, so that four independent
  * accumulators hide the multiply-add latency while x is loaded once for all four.
- * 8-float vectors are GCC/Clang vector extensions: AVX on x86, pairs of NEON registers on ARM.
+ * 8-float vectors (v8f, common.h) are GCC/Clang vector extensions.
  */
-typedef float v8f __attribute__((vector_size(32)));
-
-static inline v8f load8(const float *p) {
-    v8f v;
-    memcpy(&v, p, sizeof v);  /* an unaligned load */
-    return v;
-}
-
-static inline float sum8(v8f v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
-#define ROWS 4
-
-static void dot_rows(const float *restrict x, const float *restrict w, int64_t in, int64_t rows,
-                     const float *restrict bias, float *restrict y) {
-    if (rows == ROWS) {
-        const float *w0 = w, *w1 = w + in, *w2 = w + 2 * in, *w3 = w + 3 * in;
-        v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        int64_t i = 0;
-        for (; i + 8 <= in; i += 8) {
-            v8f xv = load8(x + i);
-            a0 += load8(w0 + i) * xv;
-            a1 += load8(w1 + i) * xv;
-            a2 += load8(w2 + i) * xv;
-            a3 += load8(w3 + i) * xv;
-        }
-        float s0 = sum8(a0), s1 = sum8(a1), s2 = sum8(a2), s3 = sum8(a3);
-        for (; i < in; i++) {
-            s0 += w0[i] * x[i];
-            s1 += w1[i] * x[i];
-            s2 += w2[i] * x[i];
-            s3 += w3[i] * x[i];
-        }
-        y[0] = s0 + (bias ? bias[0] : 0.0f);
-        y[1] = s1 + (bias ? bias[1] : 0.0f);
-        y[2] = s2 + (bias ? bias[2] : 0.0f);
-        y[3] = s3 + (bias ? bias[3] : 0.0f);
-        return;
-    }
-    for (int64_t r = 0; r < rows; r++) {  /* the last few rows of a matrix */
-        const float *wr = w + r * in;
-        v8f a = {0};
-        int64_t i = 0;
-        for (; i + 8 <= in; i += 8) a += load8(wr + i) * load8(x + i);
-        float s = sum8(a);
-        for (; i < in; i++) s += wr[i] * x[i];
-        y[r] = s + (bias ? bias[r] : 0.0f);
-    }
-}
-
 /* x: (in,), w: (out, in), bias: (out,) or NULL, y: (out,) */
 void linear_one_row(const float *x, const float *w, const float *bias, float *y, int64_t in, int64_t out,
                     int threads) {
