@@ -18,6 +18,7 @@ import torch
 from gptkit.config import SampleConfig
 from gptkit.errors import RequestError
 from gptkit.generate.sampling import apply_repetition_penalty, sample_next
+from gptkit.model.fused_decode import FusedDecoder
 from gptkit.model.gpt import GPT
 from gptkit.model.packed import packed_for_inference, should_pack
 from gptkit.tokenizer import Tokenizer
@@ -61,6 +62,9 @@ def decode_tokens(
     net = packed_for_inference(model, batch_size) if should_pack(model) else model
     # Room for exactly this request (the last new token is never fed back), up to the context.
     cache = model.new_kv_cache(batch_size, max_len=min(block_size, prompt_len + max_new_tokens - 1))
+    # At batch 1 each step is one C call over the model's weights and this cache (see
+    # gptkit/model/fused_decode.py); the prompt's prefill stays in PyTorch.
+    fused = FusedDecoder.for_model(model, cache)
     context = tokens  # what the cache must hold before the next step; kept only for sliding
     logits = net(tokens, kv_cache=cache, last_only=True)[:, -1]  # (B, V)
     for step in range(max_new_tokens):
@@ -78,6 +82,8 @@ def decode_tokens(
             context = context[:, -keep:]
             cache.reset()
             logits = net(context, kv_cache=cache, last_only=True)[:, -1]
+        elif fused is not None:
+            logits = fused.step(int(next_token[0]))
         else:
             logits = net(next_token[:, None], kv_cache=cache, last_only=True)[:, -1]
 

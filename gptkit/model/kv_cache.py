@@ -86,6 +86,16 @@ class KVCache:
         self._step_positions = None
         self._step_tokens = 0
 
+    def advance(self, n_tokens: int) -> None:
+        """Count ``n_tokens`` more per row, written straight into the storage by a fused kernel
+        (``gptkit.model.fused_decode``) at the length every row shares."""
+        if self._uniform_length is None:
+            raise ValueError("advance needs rows of equal length")
+        if self._uniform_length + n_tokens > self.max_len:
+            raise ValueError(f"KV cache full: {self._uniform_length} + {n_tokens} tokens > max_len {self.max_len}")
+        self.lengths += n_tokens
+        self._uniform_length += n_tokens
+
     def attention_mask(self, positions: torch.Tensor) -> torch.Tensor | None:
         """Boolean mask (B, 1, T, S) of which cached keys each new query may see, or None.
 

@@ -1,0 +1,166 @@
+"""The fused batch-1 decode step computes what the model computes, for every architecture option it
+covers, shares the KV cache with the PyTorch path, and steps aside where it does not apply."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptkit.config import ModelConfig
+from gptkit.generate import decode_tokens
+from gptkit.model import GPT, cpu_kernels
+from gptkit.model.fused_decode import FusedDecoder
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, d_model=32)
+COVERED = {
+    "gpt2": {},
+    "rope": {"position": "rope"},
+    "rmsnorm": {"norm": "rmsnorm"},
+    "swiglu": {"mlp": "swiglu"},
+    "gqa": {"n_kv_head": 2},
+    "mqa": {"n_kv_head": 1},
+    "no_bias": {"bias": False},
+    "untied": {"tie_embeddings": False},
+    "llama": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "bias": False,
+              "tie_embeddings": False},
+    # widths that are not multiples of the kernels' vector blocks (8 and 64 floats): scalar tails
+    "odd_widths": {"d_model": 36, "n_head": 3, "d_ff": 100},
+    "wide": {"d_model": 192, "n_head": 2, "n_layer": 1},
+}
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="gptkit's C kernels cannot be built here")
+
+
+def make_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(dataclasses.replace(TINY, **overrides)).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so that a swapped pointer shows
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("variant", list(COVERED))
+def test_fused_steps_match_the_model_and_share_its_cache(variant: str) -> None:
+    model = make_model(**COVERED[variant])
+    vocab = model.config.vocab_size
+    tokens = torch.randint(0, vocab, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        full = model(tokens)  # (1, 24, V)
+        cache = model.new_kv_cache(1)
+        model(tokens[:, :6], kv_cache=cache)  # prefill in PyTorch
+        fused = FusedDecoder.for_model(model, cache)
+        assert fused is not None
+        for t in range(6, 18):  # fused steps write the cache ...
+            torch.testing.assert_close(fused.step(int(tokens[0, t])), full[:, t], atol=1e-5, rtol=1e-5)
+        assert cache.uniform_length == 18 and int(cache.lengths[0]) == 18
+        # ... which the PyTorch path then reads: the keys and values written there are the model's.
+        rest = model(tokens[:, 18:], kv_cache=cache)
+    torch.testing.assert_close(rest, full[:, 18:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "odd_widths"])
+def test_batch_one_decoding_equals_the_pytorch_path_through_a_sliding_context(variant: str) -> None:
+    model = make_model(seed=3, **COVERED[variant])
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    steps = 3 * model.config.block_size  # the context slides twice
+    fused = torch.cat(list(decode_tokens(model, prompt, max_new_tokens=steps, temperature=0.0)))
+    # Two identical rows take the PyTorch path (the fused step is for one row).
+    plain = torch.stack(list(decode_tokens(model, prompt.repeat(2, 1), max_new_tokens=steps, temperature=0.0)), 1)
+    assert torch.equal(plain[0], plain[1])
+    assert torch.equal(fused, plain[0])
+
+
+def test_sampling_with_every_option_is_reproducible_on_the_fused_path() -> None:
+    model = make_model(seed=4)
+    prompt = torch.tensor([[1, 2, 3]])
+    options = dict(max_new_tokens=40, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3)
+    runs = [
+        torch.cat(list(decode_tokens(model, prompt, generator=torch.Generator().manual_seed(7), **options)))
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0], runs[1])
+    other = torch.cat(list(decode_tokens(model, prompt, generator=torch.Generator().manual_seed(8), **options)))
+    assert not torch.equal(runs[0], other)
+
+
+def test_where_the_fused_step_does_not_apply_it_returns_none() -> None:
+    model = make_model()
+    assert FusedDecoder.for_model(make_model(qk_norm=True), make_model(qk_norm=True).new_kv_cache(1)) is None
+    assert FusedDecoder.for_model(model, model.new_kv_cache(2)) is None  # more than one row
+    model.train()
+    assert FusedDecoder.for_model(model, model.new_kv_cache(1)) is None
+    model.eval()
+    with torch.enable_grad():  # a step would not build the autograd graph the caller asked for
+        assert FusedDecoder.for_model(model, model.new_kv_cache(1)) is None
+    double = make_model().double()
+    with torch.no_grad():
+        assert FusedDecoder.for_model(double, double.new_kv_cache(1)) is None
+        assert FusedDecoder.for_model(model, model.new_kv_cache(1)) is not None
+
+
+def test_bad_steps_are_refused_before_touching_memory() -> None:
+    model = make_model()
+    with torch.inference_mode():
+        cache = model.new_kv_cache(1, max_len=3)
+        fused = FusedDecoder.for_model(model, cache)
+        assert fused is not None
+        with pytest.raises(ValueError, match="outside the vocabulary of 97"):
+            fused.step(97)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            fused.step(-1)
+        for token in (1, 2, 3):
+            fused.step(token)
+        with pytest.raises(ValueError, match="position 3 of a cache of 3"):
+            fused.step(4)
+    assert cache.uniform_length == 3
+
+
+def test_switched_off_kernels_decode_the_same_tokens_without_the_fused_step() -> None:
+    code = (
+        "import torch\n"
+        "from gptkit.generate import decode_tokens\n"
+        "from gptkit.model import GPT, ModelConfig\n"
+        "from gptkit.model.fused_decode import FusedDecoder\n"
+        "torch.manual_seed(0)\n"
+        "m = GPT(ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, d_model=32)).eval()\n"
+        "with torch.no_grad():\n"
+        "    assert FusedDecoder.for_model(m, m.new_kv_cache(1)) is None\n"
+        "print(torch.cat(list(decode_tokens(m, torch.tensor([[1, 2, 3]]), max_new_tokens=50))).tolist())\n"
+    )
+    env = {**os.environ, "GPTKIT_CPU_KERNELS": "0"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    expected = torch.cat(list(decode_tokens(model, torch.tensor([[1, 2, 3]]), max_new_tokens=50))).tolist()
+    assert result.stdout.strip() == str(expected)
+
+
+def test_a_model_with_a_changed_module_or_a_hook_is_left_to_pytorch() -> None:
+    model = make_model()
+    cache = model.new_kv_cache(1)
+    with torch.no_grad():
+        assert FusedDecoder.for_model(model, cache) is not None
+        handle = model.blocks[0].mlp.register_forward_hook(lambda module, args, out: out * 0)
+        assert FusedDecoder.for_model(model, cache) is None  # the hook would be skipped
+        handle.remove()
+
+        class Scaled(torch.nn.Linear):  # e.g. an adapter around a Linear
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return 2 * super().forward(x)
+
+        up = model.blocks[1].mlp.up
+        scaled = Scaled(up.in_features, up.out_features)
+        scaled.load_state_dict(up.state_dict())
+        model.blocks[1].mlp.up = scaled
+        assert FusedDecoder.for_model(model, cache) is None
