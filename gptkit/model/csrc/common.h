@@ -55,45 +55,26 @@ static inline float sigmoid_of_gelu_arg(float x) {
     return z < -87.0f ? 0.0f : s;
 }
 
-/* Dot products of `rows` (1..4) consecutive weight rows of length `in` with x, plus bias: four rows
- * in flight give four independent accumulators and load x once for all four. */
-#define ROWS 4
-
-static void dot_rows(const float *restrict x, const float *restrict w, int64_t in, int64_t rows,
-                     const float *restrict bias, float *restrict y) {
-    if (rows == ROWS) {
-        const float *w0 = w, *w1 = w + in, *w2 = w + 2 * in, *w3 = w + 3 * in;
-        v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        int64_t i = 0;
-        for (; i + 8 <= in; i += 8) {
-            v8f xv = load8(x + i);
-            a0 += load8(w0 + i) * xv;
-            a1 += load8(w1 + i) * xv;
-            a2 += load8(w2 + i) * xv;
-            a3 += load8(w3 + i) * xv;
-        }
-        float s0 = sum8(a0), s1 = sum8(a1), s2 = sum8(a2), s3 = sum8(a3);
-        for (; i < in; i++) {
-            s0 += w0[i] * x[i];
-            s1 += w1[i] * x[i];
-            s2 += w2[i] * x[i];
-            s3 += w3[i] * x[i];
-        }
-        y[0] = s0 + (bias ? bias[0] : 0.0f);
-        y[1] = s1 + (bias ? bias[1] : 0.0f);
-        y[2] = s2 + (bias ? bias[2] : 0.0f);
-        y[3] = s3 + (bias ? bias[3] : 0.0f);
-        return;
+/* The dot product of one weight row with x: eight accumulators over 64 floats at a time keep many
+ * loads in flight, and each thread reads W as one sequential stream (what the hardware
+ * prefetchers follow best; measured a few % faster than four rows in flight). */
+static inline float dot_row(const float *restrict x, const float *restrict w, int64_t n) {
+    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a0 += load8(w + i) * load8(x + i);
+        a1 += load8(w + i + 8) * load8(x + i + 8);
+        a2 += load8(w + i + 16) * load8(x + i + 16);
+        a3 += load8(w + i + 24) * load8(x + i + 24);
+        a4 += load8(w + i + 32) * load8(x + i + 32);
+        a5 += load8(w + i + 40) * load8(x + i + 40);
+        a6 += load8(w + i + 48) * load8(x + i + 48);
+        a7 += load8(w + i + 56) * load8(x + i + 56);
     }
-    for (int64_t r = 0; r < rows; r++) {  /* the last few rows of a matrix */
-        const float *wr = w + r * in;
-        v8f a = {0};
-        int64_t i = 0;
-        for (; i + 8 <= in; i += 8) a += load8(wr + i) * load8(x + i);
-        float s = sum8(a);
-        for (; i < in; i++) s += wr[i] * x[i];
-        y[r] = s + (bias ? bias[r] : 0.0f);
-    }
+    for (; i + 8 <= n; i += 8) a0 += load8(w + i) * load8(x + i);
+    float s = sum8(((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)));
+    for (; i < n; i++) s += w[i] * x[i];
+    return s;
 }
 
 #endif

@@ -55,20 +55,15 @@ void gelu_tanh_backward(const float *grad, const float *x, float *out, int64_t n
  * y = W x + b for one input row: the whole of a decode step's work at batch 1.
  *
  * W is nn.Linear's (out, in) row-major weight, so each output is the dot product of one weight
- * row with x. The step is bound by reading W from memory once; the kernel streams it in row order
- * (each thread a contiguous half, etc.) and keeps four rows in flight, so that four independent
- * accumulators hide the multiply-add latency while x is loaded once for all four.
- * 8-float vectors (v8f, common.h) are GCC/Clang vector extensions.
+ * row with x (dot_row, common.h). The step is bound by reading W from memory once; each thread
+ * streams a contiguous part of it in row order.
  */
 /* x: (in,), w: (out, in), bias: (out,) or NULL, y: (out,) */
 void linear_one_row(const float *x, const float *w, const float *bias, float *y, int64_t in, int64_t out,
                     int threads) {
-    int64_t groups = (out + ROWS - 1) / ROWS;
-    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && groups > 1)
-    for (int64_t g = 0; g < groups; g++) {
-        int64_t r0 = g * ROWS;
-        int64_t rows = out - r0 < ROWS ? out - r0 : ROWS;
-        dot_rows(x, w + r0 * in, in, rows, bias ? bias + r0 : NULL, y + r0);
+    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && out > 1)
+    for (int64_t o = 0; o < out; o++) {
+        y[o] = dot_row(x, w + o * in, in) + (bias ? bias[o] : 0.0f);
     }
 }
 
