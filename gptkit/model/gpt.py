@@ -91,7 +91,9 @@ class GPT(nn.Module):
         # positions: absolute position of each new token, (B, T); None means 0..T-1 for every row.
         positions: torch.Tensor | None = None
         mask: torch.Tensor | None = None
-        is_causal = T > 1
+        # A branch, not `T > 1`: when torch.compile traces T as a symbol the comparison is a SymBool,
+        # which SDPA's is_causal does not take; the branch makes it a constant (guarded on).
+        is_causal = True if T > 1 else False  # noqa: SIM210
         if kv_cache is not None:
             start = kv_cache.uniform_length
             cache_positions = kv_cache.begin_step(T)  # (B, T); raises if the cache would overflow

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptkit.config import ModelConfig
+from gptkit.model import attention_kernel
 from gptkit.model.cpu_kernels import gelu_tanh
 from gptkit.model.kv_cache import KVCache
 
@@ -105,10 +106,28 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
 
+    def _fused_kernel_applies(self, ctx: AttentionContext, T: int) -> bool:
+        """Whether the attention is plain causal softmax attention of the raw projections, as the
+        fused CPU kernel computes it: full sequence (no cache, no mask), no dropout, no RoPE or
+        qk-norm. (The kernel itself checks the tensor: CPU float32, eager mode, short T.)"""
+        return (
+            (ctx.is_causal or T == 1)  # one token attends to itself alone, causal or not
+            and ctx.cache is None
+            and ctx.mask is None
+            and ctx.rope is None
+            and self.q_norm is None
+            and (self.dropout == 0.0 or not self.training)
+        )
+
     def forward(self, x: torch.Tensor, layer: int, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
+        qkv = self.qkv(x)  # (B, T, (H + 2 Hkv) D)
+        if self._fused_kernel_applies(ctx, T) and attention_kernel.covers(qkv, self.n_head, self.n_kv_head):
+            # Training and full-sequence forwards on CPU at short T: one C kernel reads q, k, v from
+            # the packed projection and writes y in the out Linear's layout (no transposes).
+            return self.out(attention_kernel.fused_causal_attention(qkv, self.n_head, self.n_kv_head))
         # One view and one transpose for all heads, then a split: fewer ops per decoded token.
-        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+        qkv = qkv.view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, H|Hkv, T, D)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)

@@ -1,0 +1,138 @@
+"""Fused causal self-attention for CPU training at short sequence lengths (``csrc/attention.c``).
+
+It takes the qkv Linear's output as it is, (B, T, (H + 2 Hkv) D), and returns y (B, T, H D) for
+the out Linear; its backward returns dqkv in qkv's layout. SDPA instead needs q, k and v as
+(B, heads, T, D): the transposes of q, k, v and y and of their gradients are copies that cost,
+at small widths, about half as much as the attention itself. For short sequences each head's
+T x T scores fit in the cache, so the kernel handles one (batch row, head) pair at a time, whole.
+
+``fused_causal_attention`` is used by ``CausalSelfAttention`` only when it computes exactly what
+SDPA would (causal, no mask, no KV cache, no dropout, no RoPE or qk-norm between the projection and
+the attention) and only for T up to ``MAX_T``, measured on the 2-core test machine; see
+``covers``. Everywhere else SDPA runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import torch
+from torch.autograd import forward_ad
+
+from gptkit.model.cpu_kernels import POINTER, SIZE, THREADS, _eager, _plain_cpu_float, load_library
+
+# Longest sequence the kernel takes: each thread holds two T x T float32 matrices in the backward
+# (2 MiB at T=512), which must stay near the core. Measured on the 2-core test machine, forward +
+# backward of one layer against SDPA with its transposes: 1.66x faster at T=64, D=32 (the char
+# shape, B=12, H=4), 1.34x at T=128 and 1.22x at T=256 (D=64, B=4, H=12), 1.15x at T=512, but
+# 0.61x at T=1024 (B=1), where SDPA's tiling over keys wins.
+MAX_T = 512
+
+_SIGNATURES = (
+    ("attention_forward", (POINTER, POINTER, POINTER, SIZE, SIZE, SIZE, SIZE, SIZE, THREADS)),
+    ("attention_backward", (POINTER, POINTER, POINTER, POINTER, POINTER, SIZE, SIZE, SIZE, SIZE, SIZE, THREADS)),
+)
+
+
+def _library() -> ctypes.CDLL | None:
+    return load_library("attention", _SIGNATURES)
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def _forward_ad_active() -> bool:
+    """Inside ``torch.autograd.forward_ad.dual_level()``: tangents need SDPA's forward-mode rules."""
+    return getattr(forward_ad, "_current_level", -1) >= 0
+
+
+def covers(qkv: torch.Tensor, n_head: int, n_kv_head: int) -> bool:
+    """Whether the kernel can take this qkv activation (B, T, (H + 2 Hkv) D): a plain contiguous
+    CPU float32 tensor, in eager mode, T <= MAX_T, and the kernels built. The caller checks the
+    rest (causal, no mask, cache, dropout, RoPE or qk-norm)."""
+    return (
+        qkv.dim() == 3
+        and qkv.shape[1] <= MAX_T
+        and n_head % n_kv_head == 0
+        and _plain_cpu_float(qkv)
+        and _eager()
+        and not _forward_ad_active()
+        and _library() is not None
+    )
+
+
+def reference_attention(qkv: torch.Tensor, n_head: int, n_kv_head: int) -> torch.Tensor:
+    """The same function through ATen's differentiable ops (any dtype, any number of backward
+    passes): causal softmax(q k^T / sqrt(D)) v. qkv (B, T, (H + 2 Hkv) D) -> (B, T, H D)."""
+    B, T, width = qkv.shape
+    D = width // (n_head + 2 * n_kv_head)
+    q, k, v = qkv.view(B, T, -1, D).transpose(1, 2).split([n_head, n_kv_head, n_kv_head], dim=1)
+    if n_kv_head != n_head:
+        k = k.repeat_interleave(n_head // n_kv_head, dim=1)
+        v = v.repeat_interleave(n_head // n_kv_head, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)  # (B, H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=qkv.device).tril()
+    weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    return (weights @ v).transpose(1, 2).reshape(B, T, n_head * D)
+
+
+class _FusedCausalAttention(torch.autograd.Function):
+    """Saves qkv, y and the per-row log-sum-exp (B, H, T); the backward recomputes the softmax."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, n_head: int, n_kv_head: int) -> torch.Tensor:  # type: ignore[override]
+        library = _library()
+        assert library is not None
+        B, T, width = qkv.shape
+        D = width // (n_head + 2 * n_kv_head)
+        y = qkv.new_empty(B, T, n_head * D)
+        lse = qkv.new_empty(B, n_head, T)
+        library.attention_forward(qkv.data_ptr(), y.data_ptr(), lse.data_ptr(), B, T, n_head, n_kv_head, D,
+                                  torch.get_num_threads())
+        ctx.save_for_backward(qkv, y, lse)
+        ctx.heads = (n_head, n_kv_head)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        qkv, y, lse = ctx.saved_tensors
+        n_head, n_kv_head = ctx.heads
+        # With create_graph (double backward) the gradient must itself be differentiable in qkv
+        # and grad: recompute through ATen's ops and differentiate those.
+        if not torch.is_grad_enabled() and grad.device.type == "cpu" and grad.dtype == torch.float32:
+            grad = grad.contiguous()  # a no-op for the out Linear's gradient
+        if torch.is_grad_enabled() or not _plain_cpu_float(grad):
+            with torch.enable_grad():
+                source = qkv if qkv.requires_grad else qkv.detach().requires_grad_()
+                out = reference_attention(source, n_head, n_kv_head)
+                (dqkv,) = torch.autograd.grad(out, source, grad, create_graph=torch.is_grad_enabled())
+            return dqkv, None, None
+        library = _library()
+        assert library is not None
+        B, T, width = qkv.shape
+        D = width // (n_head + 2 * n_kv_head)
+        dqkv = torch.empty_like(qkv)
+        library.attention_backward(qkv.data_ptr(), y.data_ptr(), lse.data_ptr(), grad.data_ptr(), dqkv.data_ptr(),
+                                   B, T, n_head, n_kv_head, D, torch.get_num_threads())
+        return dqkv, None, None
+
+
+def fused_causal_attention(qkv: torch.Tensor, n_head: int, n_kv_head: int) -> torch.Tensor:
+    """Causal attention of the packed projection qkv (B, T, (H + 2 Hkv) D) -> y (B, T, H D),
+    softmax scale 1/sqrt(D). The caller checks ``covers(qkv, n_head, n_kv_head)`` first.
+
+    Equal to SDPA with is_causal=True on the split and transposed q, k, v within float32 rounding
+    (tested against a float64 reference, forward and backward)."""
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return _FusedCausalAttention.apply(qkv, n_head, n_kv_head)
+    library = _library()
+    assert library is not None
+    B, T, width = qkv.shape
+    D = width // (n_head + 2 * n_kv_head)
+    y = qkv.new_empty(B, T, n_head * D)
+    # No autograd node to feed (no_grad, inference_mode, or nothing needs a gradient): no lse either.
+    library.attention_forward(qkv.data_ptr(), y.data_ptr(), None, B, T, n_head, n_kv_head, D,
+                              torch.get_num_threads())
+    return y

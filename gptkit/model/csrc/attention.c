@@ -1,0 +1,263 @@
+/* Fused causal self-attention for CPU training at small sequence lengths (see
+ * gptkit/model/attention_kernel.py).
+ *
+ * The input is the qkv Linear's output as it is, (B, T, (H + 2 Hkv) D) row-major: in each token's
+ * row the H query heads come first, then the Hkv key heads, then the Hkv value heads, D floats
+ * each. The output y is (B, T, H D), the layout the out Linear takes; the backward writes dqkv in
+ * the layout of qkv. So no transposes or copies are needed around the kernel, where SDPA needs
+ * (B, H, T, D) tensors and their gradients copied back.
+ *
+ * Per (batch row, head) the kernel computes, with s = 1/sqrt(D) and j <= i (causal):
+ *     S_ij = s q_i . k_j,  P_ij = exp(S_ij - L_i),  L_i = log sum_j exp(S_ij),  y_i = sum_j P_ij v_j
+ * and saves L (B, H, T), the row's log-sum-exp. The backward recomputes P from q, k and L (cheaper
+ * than storing it: T x T per head), then, with delta_i = dy_i . y_i:
+ *     dP_ij = dy_i . v_j,  dS_ij = P_ij (dP_ij - delta_i),
+ *     dq_i = s sum_j dS_ij k_j,  dk_j = s sum_i dS_ij q_i,  dv_j = sum_i P_ij dy_i.
+ * For small T a head's T x T scores fit in the L1/L2 cache, so each (batch row, head) is one task
+ * done whole, with no tiling over keys (no online softmax); tasks are spread over the threads.
+ *
+ * All five products are one small matrix-multiply routine, gemm_small, whose inner blocks keep a
+ * 4 x 16 tile of the result in registers: each step loads two 8-float vectors of B and four
+ * scalars of A (broadcast) for eight multiply-adds, with no horizontal sums. Reading A through
+ * two strides lets the same routine take A transposed (dS^T and P^T for dk and dv) without
+ * copying it. Products against K^T and V^T read copies of K and V transposed once per head.
+ *
+ * Grouped-query attention (Hkv < H): a task is a (batch row, key/value head) pair and runs the
+ * H / Hkv query heads that share it one after the other, so that dk and dv accumulate without
+ * races.
+ */
+#include <stdlib.h>
+
+#include "common.h"
+
+#define RB 4 /* rows of the result per block of gemm_small (and per block of queries) */
+
+static inline int64_t round_up8(int64_t n) { return (n + 7) & ~(int64_t)7; }
+
+/* p[0..7] = v, or p[0..7] += v */
+static inline void store8(float *p, v8f v, int accumulate) {
+    if (accumulate) v += load8(p);
+    memcpy(p, &v, sizeof v);
+}
+
+/* The sum and the maximum of x[0..n-1], n >= 1, eight lanes at a time (a plain loop would add
+ * one element after the other: the compiler may not reorder float sums). */
+static inline float sum_of(const float *x, int64_t n) {
+    v8f acc = {0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) acc += load8(x + j);
+    float s = sum8(acc);
+    for (; j < n; j++) s += x[j];
+    return s;
+}
+
+static inline float max_of(const float *x, int64_t n) {
+    float lanes[8];
+    for (int l = 0; l < 8; l++) lanes[l] = x[0];
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        for (int l = 0; l < 8; l++) lanes[l] = fmaxf(lanes[l], x[j + l]);  /* one vector max */
+    }
+    float m = lanes[0];
+    for (int l = 1; l < 8; l++) m = fmaxf(m, lanes[l]);
+    for (; j < n; j++) m = fmaxf(m, x[j]);
+    return m;
+}
+
+/* x[0..n-1] . y[0..n-1] */
+static inline float dot_of(const float *x, const float *y, int64_t n) {
+    v8f acc = {0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) acc += load8(x + j) * load8(y + j);
+    float s = sum8(acc);
+    for (; j < n; j++) s += x[j] * y[j];
+    return s;
+}
+
+/* C[r][c] (+)= sum_k A[r * ars + k * aks] * B[k * ldb + c], for r < m, c < n, k < kn.
+ * A is read through a row stride and a k stride, so a transposed A costs nothing. Every result
+ * element is written (accumulate = 0) or added to (accumulate = 1). */
+static void gemm_small(int64_t m, int64_t n, int64_t kn, const float *restrict A, int64_t ars, int64_t aks,
+                       const float *restrict B, int64_t ldb, float *restrict C, int64_t ldc, int accumulate) {
+    for (int64_t r0 = 0; r0 < m; r0 += RB) {
+        const float *a = A + r0 * ars;
+        float *c = C + r0 * ldc;
+        int64_t c0 = 0;
+        if (m - r0 >= RB) {
+            for (; c0 + 16 <= n; c0 += 16) {
+                v8f t00 = {0}, t01 = {0}, t10 = {0}, t11 = {0}, t20 = {0}, t21 = {0}, t30 = {0}, t31 = {0};
+                for (int64_t k = 0; k < kn; k++) {
+                    const float *b = B + k * ldb + c0;
+                    v8f b0 = load8(b), b1 = load8(b + 8);
+                    const float *ak = a + k * aks;
+                    float a0 = ak[0], a1 = ak[ars], a2 = ak[2 * ars], a3 = ak[3 * ars];
+                    t00 += a0 * b0; t01 += a0 * b1;
+                    t10 += a1 * b0; t11 += a1 * b1;
+                    t20 += a2 * b0; t21 += a2 * b1;
+                    t30 += a3 * b0; t31 += a3 * b1;
+                }
+                float *cr = c + c0;
+                store8(cr, t00, accumulate); store8(cr + 8, t01, accumulate); cr += ldc;
+                store8(cr, t10, accumulate); store8(cr + 8, t11, accumulate); cr += ldc;
+                store8(cr, t20, accumulate); store8(cr + 8, t21, accumulate); cr += ldc;
+                store8(cr, t30, accumulate); store8(cr + 8, t31, accumulate);
+            }
+            for (; c0 + 8 <= n; c0 += 8) {
+                v8f t0 = {0}, t1 = {0}, t2 = {0}, t3 = {0};
+                for (int64_t k = 0; k < kn; k++) {
+                    v8f b0 = load8(B + k * ldb + c0);
+                    const float *ak = a + k * aks;
+                    t0 += ak[0] * b0; t1 += ak[ars] * b0; t2 += ak[2 * ars] * b0; t3 += ak[3 * ars] * b0;
+                }
+                float *cr = c + c0;
+                store8(cr, t0, accumulate); store8(cr + ldc, t1, accumulate);
+                store8(cr + 2 * ldc, t2, accumulate); store8(cr + 3 * ldc, t3, accumulate);
+            }
+        } else {  /* the last 1..3 rows */
+            for (; c0 + 8 <= n; c0 += 8) {
+                for (int64_t r = 0; r < m - r0; r++) {
+                    v8f t = {0};
+                    for (int64_t k = 0; k < kn; k++) t += a[r * ars + k * aks] * load8(B + k * ldb + c0);
+                    store8(c + r * ldc + c0, t, accumulate);
+                }
+            }
+        }
+        /* The last n % 8 columns (only when a head dimension is not a multiple of 8). */
+        int64_t rows = m - r0 < RB ? m - r0 : RB;
+        for (; c0 < n; c0++) {
+            for (int64_t r = 0; r < rows; r++) {
+                float t = 0.0f;
+                for (int64_t k = 0; k < kn; k++) t += a[r * ars + k * aks] * B[k * ldb + c0];
+                float *cr = c + r * ldc + c0;
+                *cr = accumulate ? *cr + t : t;
+            }
+        }
+    }
+}
+
+/* dst (D, Tp) = src (T, D; row stride ld) transposed, columns T..Tp-1 zero. */
+static void transpose_into(const float *restrict src, int64_t ld, int64_t T, int64_t D, int64_t Tp,
+                           float *restrict dst) {
+    for (int64_t d = 0; d < D; d++) {
+        float *row = dst + d * Tp;
+        for (int64_t j = 0; j < T; j++) row[j] = src[j * ld + d];
+        for (int64_t j = T; j < Tp; j++) row[j] = 0.0f;
+    }
+}
+
+/* The pointers of one (batch row b, query head h) pair. */
+typedef struct {
+    const float *q, *k, *v; /* (T, D) each, row stride R = (H + 2 Hkv) D */
+    int64_t R, HD;          /* row strides of qkv and of y */
+} head_ptrs;
+
+static head_ptrs head_pointers(const float *qkv, int64_t b, int64_t h, int64_t T, int64_t H, int64_t Hkv,
+                               int64_t D) {
+    int64_t group = H / Hkv, R = (H + 2 * Hkv) * D;
+    const float *row = qkv + b * T * R;
+    head_ptrs p = {row + h * D, row + (H + h / group) * D, row + (H + Hkv + h / group) * D, R, H * D};
+    return p;
+}
+
+/* qkv: (B, T, (H + 2 Hkv) D) -> y: (B, T, H D), lse: (B, H, T) (saved for the backward; may be
+ * NULL in inference). H must be a multiple of Hkv. */
+void attention_forward(const float *qkv, float *y, float *lse, int64_t B, int64_t T, int64_t H, int64_t Hkv,
+                       int64_t D, int threads) {
+    const int64_t Tp = round_up8(T);
+    const float scale = 1.0f / sqrtf((float)D);
+    #pragma omp parallel num_threads(threads) if (threads > 1 && B * H > 1)
+    {
+        /* Per thread: K^T (D, Tp) and one block of RB rows of scores (RB, Tp). */
+        float *kt = malloc(sizeof(float) * (size_t)(D * Tp + RB * Tp));
+        float *s = kt + D * Tp;
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < B * H; task++) {
+            int64_t b = task / H, h = task % H;
+            head_ptrs p = head_pointers(qkv, b, h, T, H, Hkv, D);
+            float *yh = y + b * T * p.HD + h * D;
+            transpose_into(p.k, p.R, T, D, Tp, kt);
+            for (int64_t i0 = 0; i0 < T; i0 += RB) {
+                int64_t rows = T - i0 < RB ? T - i0 : RB;
+                int64_t keys = i0 + rows;  /* the block's last query sees keys 0..keys-1 */
+                int64_t cols = round_up8(keys);
+                /* Raw scores q_i . k_j for the block, columns 0..cols-1. */
+                gemm_small(rows, cols, D, p.q + i0 * p.R, p.R, 1, kt, Tp, s, Tp, 0);
+                for (int64_t r = 0; r < rows; r++) {
+                    int64_t i = i0 + r;
+                    float *sr = s + r * Tp;
+                    float m = max_of(sr, i + 1);
+                    for (int64_t j = 0; j <= i; j++) sr[j] = exp_approx((sr[j] - m) * scale);
+                    for (int64_t j = i + 1; j < cols; j++) sr[j] = 0.0f;  /* masked: no weight in y */
+                    float sum = sum_of(sr, cols);
+                    float inv = 1.0f / sum;
+                    for (int64_t j = 0; j <= i; j++) sr[j] *= inv;
+                    if (lse) lse[(b * H + h) * T + i] = m * scale + logf(sum);
+                }
+                gemm_small(rows, D, keys, s, Tp, 1, p.v, p.R, yh + i0 * p.HD, p.HD, 0);
+            }
+        }
+        free(kt);
+    }
+}
+
+/* The backward of attention_forward: qkv, y, lse as saved by it, dy (B, T, H D) -> dqkv
+ * (B, T, (H + 2 Hkv) D), every element written. */
+void attention_backward(const float *qkv, const float *y, const float *lse, const float *dy, float *dqkv,
+                        int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int threads) {
+    const int64_t Tp = round_up8(T), group = H / Hkv;
+    const float scale = 1.0f / sqrtf((float)D);
+    #pragma omp parallel num_threads(threads) if (threads > 1 && B * Hkv > 1)
+    {
+        /* Per thread: K^T and V^T (D, Tp), P and dS (Tp, Tp), delta (Tp). */
+        float *kt = malloc(sizeof(float) * (size_t)(2 * D * Tp + 2 * Tp * Tp + Tp));
+        float *vt = kt + D * Tp, *P = vt + D * Tp, *dS = P + Tp * Tp, *delta = dS + Tp * Tp;
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < B * Hkv; task++) {
+            int64_t b = task / Hkv, hk = task % Hkv;
+            head_ptrs first = head_pointers(qkv, b, hk * group, T, H, Hkv, D);
+            const int64_t R = first.R, HD = first.HD;
+            transpose_into(first.k, R, T, D, Tp, kt);
+            transpose_into(first.v, R, T, D, Tp, vt);
+            /* The key and value heads' gradients, in dqkv's layout. */
+            float *dk = dqkv + (first.k - qkv), *dv = dqkv + (first.v - qkv);
+            for (int64_t g = 0; g < group; g++) {
+                int64_t h = hk * group + g;
+                head_ptrs p = head_pointers(qkv, b, h, T, H, Hkv, D);
+                const float *yh = y + b * T * HD + h * D, *dyh = dy + b * T * HD + h * D;
+                const float *lh = lse + (b * H + h) * T;
+                float *dq = dqkv + (p.q - qkv);
+                for (int64_t i = 0; i < T; i++) delta[i] = dot_of(dyh + i * HD, yh + i * HD, D);
+                for (int64_t i0 = 0; i0 < T; i0 += RB) {
+                    int64_t rows = T - i0 < RB ? T - i0 : RB, keys = i0 + rows, cols = round_up8(keys);
+                    float *Pb = P + i0 * Tp, *dSb = dS + i0 * Tp;
+                    gemm_small(rows, cols, D, p.q + i0 * R, R, 1, kt, Tp, Pb, Tp, 0);      /* q . k */
+                    gemm_small(rows, cols, D, dyh + i0 * HD, HD, 1, vt, Tp, dSb, Tp, 0);  /* dP = dy . v */
+                    for (int64_t r = 0; r < rows; r++) {
+                        int64_t i = i0 + r;
+                        float *pr = Pb + r * Tp, *dsr = dSb + r * Tp;
+                        float li = lh[i], di = delta[i];
+                        for (int64_t j = 0; j <= i; j++) {
+                            float pij = exp_approx(pr[j] * scale - li);
+                            pr[j] = pij;
+                            dsr[j] = scale * pij * (dsr[j] - di);  /* the softmax scale folded in */
+                        }
+                        /* Zero above the diagonal, up to the block's last column: the dk and dv
+                         * products below read these columns of rows i >= j. */
+                        for (int64_t j = i + 1; j < cols; j++) pr[j] = dsr[j] = 0.0f;
+                    }
+                    /* dq_i = sum_{j <= i} dS_ij k_j */
+                    gemm_small(rows, D, keys, dSb, Tp, 1, p.k, R, dq + i0 * R, R, 0);
+                }
+                /* dk_j = sum_{i >= j} dS_ij q_i and dv_j = sum_{i >= j} P_ij dy_i: A = dS^T and P^T,
+                 * read through swapped strides starting at the diagonal. The first query head of
+                 * the group writes, the others add. */
+                for (int64_t j0 = 0; j0 < T; j0 += RB) {
+                    int64_t rows = T - j0 < RB ? T - j0 : RB;
+                    gemm_small(rows, D, T - j0, dS + j0 * Tp + j0, 1, Tp, p.q + j0 * R, R, dk + j0 * R, R, g > 0);
+                    gemm_small(rows, D, T - j0, P + j0 * Tp + j0, 1, Tp, dyh + j0 * HD, HD, dv + j0 * R, R, g > 0);
+                }
+            }
+        }
+        free(kt);
+    }
+}
