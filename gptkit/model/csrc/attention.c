@@ -34,33 +34,49 @@
 
 static inline int64_t round_up8(int64_t n) { return (n + 7) & ~(int64_t)7; }
 
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8f splat8(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+
+/* where mask (all-ones lanes) then a, else b */
+static inline v8f select8(v8i mask, v8f a, v8f b) { return (v8f)(((v8i)a & mask) | ((v8i)b & ~mask)); }
+
+/* Lanes j0 + l <= i, for l = 0..7: the causally visible keys of row i in the chunk at column j0. */
+static inline v8i visible8(int64_t j0, int64_t i) {
+    const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    return lane <= (v8i){0} + (int32_t)(i - j0);
+}
+
+/* exp_approx (common.h) on eight lanes: the same steps, so that the softmax of a row is one
+ * pass of vector instructions. Exact powers of two via the exponent bits, as there. */
+static inline v8f exp8(v8f v) {
+    v = select8(v < -87.0f, splat8(-87.0f), v);
+    v = select8(v > 88.0f, splat8(88.0f), v);
+    v8f k = (v * 1.4426950408889634f + 12582912.0f) - 12582912.0f;
+    v8f r = v - k * 0.693145751953125f;
+    r = r - k * 1.4286068203094172e-06f;
+    v8f p = splat8(1.0f / 720.0f);
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    v8i bits = (__builtin_convertvector(k, v8i) + 127) << 23;
+    return p * (v8f)bits;
+}
+
 /* p[0..7] = v, or p[0..7] += v */
 static inline void store8(float *p, v8f v, int accumulate) {
     if (accumulate) v += load8(p);
     memcpy(p, &v, sizeof v);
 }
 
-/* The sum and the maximum of x[0..n-1], n >= 1, eight lanes at a time (a plain loop would add
- * one element after the other: the compiler may not reorder float sums). */
-static inline float sum_of(const float *x, int64_t n) {
-    v8f acc = {0};
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) acc += load8(x + j);
-    float s = sum8(acc);
-    for (; j < n; j++) s += x[j];
-    return s;
-}
+static inline v8f max8(v8f a, v8f b) { return select8(a > b, a, b); }
 
-static inline float max_of(const float *x, int64_t n) {
-    float lanes[8];
-    for (int l = 0; l < 8; l++) lanes[l] = x[0];
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-        for (int l = 0; l < 8; l++) lanes[l] = fmaxf(lanes[l], x[j + l]);  /* one vector max */
-    }
-    float m = lanes[0];
-    for (int l = 1; l < 8; l++) m = fmaxf(m, lanes[l]);
-    for (; j < n; j++) m = fmaxf(m, x[j]);
+static inline float hmax8(v8f v) {
+    float m = v[0];
+    for (int l = 1; l < 8; l++) m = fmaxf(m, v[l]);
     return m;
 }
 
@@ -135,12 +151,55 @@ static void gemm_small(int64_t m, int64_t n, int64_t kn, const float *restrict A
     }
 }
 
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector) && __has_builtin(__builtin_convertvector)
+#define HAVE_VECTOR_BUILTINS 1
+#endif
+#endif
+
+#ifdef HAVE_VECTOR_BUILTINS
+#define SHUFFLE __builtin_shufflevector
+
+/* dst rows c = 0..7 (stride ldd) = column c of the 8 x 8 block at src (row stride ld): the usual
+ * three rounds of shuffles (pairs of rows, pairs of pairs, halves), 24 shuffles for 64 floats. */
+static inline void transpose8x8(const float *restrict src, int64_t ld, float *restrict dst, int64_t ldd) {
+    v8f r0 = load8(src), r1 = load8(src + ld), r2 = load8(src + 2 * ld), r3 = load8(src + 3 * ld);
+    v8f r4 = load8(src + 4 * ld), r5 = load8(src + 5 * ld), r6 = load8(src + 6 * ld), r7 = load8(src + 7 * ld);
+    v8f t0 = SHUFFLE(r0, r1, 0, 8, 1, 9, 4, 12, 5, 13), t1 = SHUFFLE(r0, r1, 2, 10, 3, 11, 6, 14, 7, 15);
+    v8f t2 = SHUFFLE(r2, r3, 0, 8, 1, 9, 4, 12, 5, 13), t3 = SHUFFLE(r2, r3, 2, 10, 3, 11, 6, 14, 7, 15);
+    v8f t4 = SHUFFLE(r4, r5, 0, 8, 1, 9, 4, 12, 5, 13), t5 = SHUFFLE(r4, r5, 2, 10, 3, 11, 6, 14, 7, 15);
+    v8f t6 = SHUFFLE(r6, r7, 0, 8, 1, 9, 4, 12, 5, 13), t7 = SHUFFLE(r6, r7, 2, 10, 3, 11, 6, 14, 7, 15);
+    /* u0 = rows 0-3 of columns 0 and 4, u1 of columns 1 and 5, ...; u4..u7 the same for rows 4-7 */
+    v8f u0 = SHUFFLE(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13), u1 = SHUFFLE(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);
+    v8f u2 = SHUFFLE(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13), u3 = SHUFFLE(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);
+    v8f u4 = SHUFFLE(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13), u5 = SHUFFLE(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);
+    v8f u6 = SHUFFLE(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13), u7 = SHUFFLE(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);
+    v8f c[8] = {
+        SHUFFLE(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11), SHUFFLE(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11),
+        SHUFFLE(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11), SHUFFLE(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11),
+        SHUFFLE(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15), SHUFFLE(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15),
+        SHUFFLE(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15), SHUFFLE(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15),
+    };
+    for (int k = 0; k < 8; k++) memcpy(dst + k * ldd, &c[k], sizeof(v8f));
+}
+#endif
+
 /* dst (D, Tp) = src (T, D; row stride ld) transposed, columns T..Tp-1 zero. */
 static void transpose_into(const float *restrict src, int64_t ld, int64_t T, int64_t D, int64_t Tp,
                            float *restrict dst) {
+    int64_t j0 = 0, d0 = 0;
+#ifdef HAVE_VECTOR_BUILTINS
+    for (; j0 + 8 <= T; j0 += 8) {
+        for (d0 = 0; d0 + 8 <= D; d0 += 8) transpose8x8(src + j0 * ld + d0, ld, dst + d0 * Tp + j0, Tp);
+    }
+    /* Left: rows j0..T-1 of every column, and columns d0..D-1 of rows 0..j0-1. */
+    for (int64_t d = d0; d < D; d++) {
+        for (int64_t j = 0; j < j0; j++) dst[d * Tp + j] = src[j * ld + d];
+    }
+#endif
     for (int64_t d = 0; d < D; d++) {
         float *row = dst + d * Tp;
-        for (int64_t j = 0; j < T; j++) row[j] = src[j * ld + d];
+        for (int64_t j = j0; j < T; j++) row[j] = src[j * ld + d];
         for (int64_t j = T; j < Tp; j++) row[j] = 0.0f;
     }
 }
@@ -185,12 +244,26 @@ void attention_forward(const float *qkv, float *y, float *lse, int64_t B, int64_
                 for (int64_t r = 0; r < rows; r++) {
                     int64_t i = i0 + r;
                     float *sr = s + r * Tp;
-                    float m = max_of(sr, i + 1);
-                    for (int64_t j = 0; j <= i; j++) sr[j] = exp_approx((sr[j] - m) * scale);
-                    for (int64_t j = i + 1; j < cols; j++) sr[j] = 0.0f;  /* masked: no weight in y */
-                    float sum = sum_of(sr, cols);
-                    float inv = 1.0f / sum;
-                    for (int64_t j = 0; j <= i; j++) sr[j] *= inv;
+                    /* Whole 8-column chunks up to the diagonal (cols is a multiple of 8); the lanes
+                     * past it are masked: out of the maximum, zero weight in y. */
+                    int64_t row_cols = round_up8(i + 1);
+                    v8f mx = splat8(sr[0]);
+                    for (int64_t j0 = 0; j0 < row_cols; j0 += 8)
+                        mx = select8(visible8(j0, i), max8(mx, load8(sr + j0)), mx);
+                    float m = hmax8(mx);
+                    v8f acc = {0};
+                    for (int64_t j0 = 0; j0 < row_cols; j0 += 8) {
+                        v8f e = exp8((load8(sr + j0) - m) * scale);
+                        e = select8(visible8(j0, i), e, splat8(0.0f));
+                        acc += e;
+                        memcpy(sr + j0, &e, sizeof e);
+                    }
+                    float sum = sum8(acc), inv = 1.0f / sum;
+                    for (int64_t j0 = 0; j0 < row_cols; j0 += 8) {
+                        v8f e = load8(sr + j0) * inv;
+                        memcpy(sr + j0, &e, sizeof e);
+                    }
+                    for (int64_t j = row_cols; j < keys; j++) sr[j] = 0.0f;
                     if (lse) lse[(b * H + h) * T + i] = m * scale + logf(sum);
                 }
                 gemm_small(rows, D, keys, s, Tp, 1, p.v, p.R, yh + i0 * p.HD, p.HD, 0);
@@ -236,14 +309,15 @@ void attention_backward(const float *qkv, const float *y, const float *lse, cons
                         int64_t i = i0 + r;
                         float *pr = Pb + r * Tp, *dsr = dSb + r * Tp;
                         float li = lh[i], di = delta[i];
-                        for (int64_t j = 0; j <= i; j++) {
-                            float pij = exp_approx(pr[j] * scale - li);
-                            pr[j] = pij;
-                            dsr[j] = scale * pij * (dsr[j] - di);  /* the softmax scale folded in */
-                        }
                         /* Zero above the diagonal, up to the block's last column: the dk and dv
                          * products below read these columns of rows i >= j. */
-                        for (int64_t j = i + 1; j < cols; j++) pr[j] = dsr[j] = 0.0f;
+                        for (int64_t j0 = 0; j0 < cols; j0 += 8) {
+                            v8i visible = visible8(j0, i);
+                            v8f p = select8(visible, exp8(load8(pr + j0) * scale - li), splat8(0.0f));
+                            v8f ds = scale * p * (load8(dsr + j0) - di);  /* the softmax scale folded in */
+                            memcpy(pr + j0, &p, sizeof p);
+                            memcpy(dsr + j0, &ds, sizeof ds);
+                        }
                     }
                     /* dq_i = sum_{j <= i} dS_ij k_j */
                     gemm_small(rows, D, keys, dSb, Tp, 1, p.k, R, dq + i0 * R, R, 0);
