@@ -15,6 +15,7 @@ the attention) and only for T up to ``MAX_T``, measured on the 2-core test machi
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 
 import torch
@@ -35,8 +36,18 @@ _SIGNATURES = (
 )
 
 
+@functools.cache
 def _library() -> ctypes.CDLL | None:
-    return load_library("attention", _SIGNATURES)
+    library = load_library("attention", _SIGNATURES)
+    if library is not None:
+        # Both return 0, or 1 when a thread could not allocate its scratch memory.
+        library.attention_forward.restype = library.attention_backward.restype = ctypes.c_int
+    return library
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("gptkit's attention kernel could not allocate its per-thread scratch memory")
 
 
 def available() -> bool:
@@ -89,8 +100,8 @@ class _FusedCausalAttention(torch.autograd.Function):
         D = width // (n_head + 2 * n_kv_head)
         y = qkv.new_empty(B, T, n_head * D)
         lse = qkv.new_empty(B, n_head, T)
-        library.attention_forward(qkv.data_ptr(), y.data_ptr(), lse.data_ptr(), B, T, n_head, n_kv_head, D,
-                                  torch.get_num_threads())
+        _check(library.attention_forward(qkv.data_ptr(), y.data_ptr(), lse.data_ptr(), B, T, n_head, n_kv_head,
+                                         D, torch.get_num_threads()))
         ctx.save_for_backward(qkv, y, lse)
         ctx.heads = (n_head, n_kv_head)
         return y
@@ -114,8 +125,8 @@ class _FusedCausalAttention(torch.autograd.Function):
         B, T, width = qkv.shape
         D = width // (n_head + 2 * n_kv_head)
         dqkv = torch.empty_like(qkv)
-        library.attention_backward(qkv.data_ptr(), y.data_ptr(), lse.data_ptr(), grad.data_ptr(), dqkv.data_ptr(),
-                                   B, T, n_head, n_kv_head, D, torch.get_num_threads())
+        _check(library.attention_backward(qkv.data_ptr(), y.data_ptr(), lse.data_ptr(), grad.data_ptr(),
+                                          dqkv.data_ptr(), B, T, n_head, n_kv_head, D, torch.get_num_threads()))
         return dqkv, None, None
 
 
@@ -133,6 +144,6 @@ def fused_causal_attention(qkv: torch.Tensor, n_head: int, n_kv_head: int) -> to
     D = width // (n_head + 2 * n_kv_head)
     y = qkv.new_empty(B, T, n_head * D)
     # No autograd node to feed (no_grad, inference_mode, or nothing needs a gradient): no lse either.
-    library.attention_forward(qkv.data_ptr(), y.data_ptr(), None, B, T, n_head, n_kv_head, D,
-                              torch.get_num_threads())
+    _check(library.attention_forward(qkv.data_ptr(), y.data_ptr(), None, B, T, n_head, n_kv_head, D,
+                                     torch.get_num_threads()))
     return y

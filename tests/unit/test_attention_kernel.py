@@ -105,6 +105,20 @@ def test_large_scores_stay_finite_and_as_exact_as_sdpa() -> None:
 
 
 @needs_compiler
+def test_nan_and_inf_inputs_give_what_sdpa_gives() -> None:
+    torch.manual_seed(8)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        for column in (3, 16 + 3):  # a query element, a key element (head 0, D = 8)
+            qkv = torch.randn(1, 16, 3 * 2 * 8)
+            qkv[0, 5, column] = value
+            with torch.no_grad():
+                y, expected = attention_kernel.fused_causal_attention(qkv, 2, 2), sdpa_attention(qkv, 2, 2)
+            assert torch.equal(y.isnan(), expected.isnan())
+            finite = ~expected.isnan()
+            torch.testing.assert_close(y[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
 def test_inference_path_and_thread_counts_give_identical_results() -> None:
     torch.manual_seed(2)
     qkv = torch.randn(3, 40, 3 * 4 * 8, requires_grad=True)

@@ -219,18 +219,25 @@ static head_ptrs head_pointers(const float *qkv, int64_t b, int64_t h, int64_t T
 }
 
 /* qkv: (B, T, (H + 2 Hkv) D) -> y: (B, T, H D), lse: (B, H, T) (saved for the backward; may be
- * NULL in inference). H must be a multiple of Hkv. */
-void attention_forward(const float *qkv, float *y, float *lse, int64_t B, int64_t T, int64_t H, int64_t Hkv,
-                       int64_t D, int threads) {
+ * NULL in inference). H must be a multiple of Hkv. Returns 0, or 1 when a thread could not
+ * allocate its scratch memory (the outputs are then incomplete). */
+int attention_forward(const float *qkv, float *y, float *lse, int64_t B, int64_t T, int64_t H, int64_t Hkv,
+                      int64_t D, int threads) {
     const int64_t Tp = round_up8(T);
     const float scale = 1.0f / sqrtf((float)D);
+    int failed = 0;
     #pragma omp parallel num_threads(threads) if (threads > 1 && B * H > 1)
     {
         /* Per thread: K^T (D, Tp) and one block of RB rows of scores (RB, Tp). */
         float *kt = malloc(sizeof(float) * (size_t)(D * Tp + RB * Tp));
         float *s = kt + D * Tp;
+        if (!kt) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < B * H; task++) {
+            if (!kt) continue;  /* every thread must still reach the loop's closing barrier */
             int64_t b = task / H, h = task % H;
             head_ptrs p = head_pointers(qkv, b, h, T, H, Hkv, D);
             float *yh = y + b * T * p.HD + h * D;
@@ -271,21 +278,28 @@ void attention_forward(const float *qkv, float *y, float *lse, int64_t B, int64_
         }
         free(kt);
     }
+    return failed;
 }
 
 /* The backward of attention_forward: qkv, y, lse as saved by it, dy (B, T, H D) -> dqkv
- * (B, T, (H + 2 Hkv) D), every element written. */
-void attention_backward(const float *qkv, const float *y, const float *lse, const float *dy, float *dqkv,
-                        int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int threads) {
+ * (B, T, (H + 2 Hkv) D), every element written. Returns 0, or 1 as attention_forward does. */
+int attention_backward(const float *qkv, const float *y, const float *lse, const float *dy, float *dqkv,
+                       int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int threads) {
     const int64_t Tp = round_up8(T), group = H / Hkv;
     const float scale = 1.0f / sqrtf((float)D);
+    int failed = 0;
     #pragma omp parallel num_threads(threads) if (threads > 1 && B * Hkv > 1)
     {
         /* Per thread: K^T and V^T (D, Tp), P and dS (Tp, Tp), delta (Tp). */
         float *kt = malloc(sizeof(float) * (size_t)(2 * D * Tp + 2 * Tp * Tp + Tp));
         float *vt = kt + D * Tp, *P = vt + D * Tp, *dS = P + Tp * Tp, *delta = dS + Tp * Tp;
+        if (!kt) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < B * Hkv; task++) {
+            if (!kt) continue;
             int64_t b = task / Hkv, hk = task % Hkv;
             head_ptrs first = head_pointers(qkv, b, hk * group, T, H, Hkv, D);
             const int64_t R = first.R, HD = first.HD;
@@ -334,4 +348,5 @@ void attention_backward(const float *qkv, const float *y, const float *lse, cons
         }
         free(kt);
     }
+    return failed;
 }
