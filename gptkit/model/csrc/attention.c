@@ -270,7 +270,8 @@ int attention_forward(const float *qkv, float *y, float *lse, int64_t B, int64_t
                         v8f e = load8(sr + j0) * inv;
                         memcpy(sr + j0, &e, sizeof e);
                     }
-                    for (int64_t j = row_cols; j < keys; j++) sr[j] = 0.0f;
+                    /* The product with V below reads columns 0..keys-1: all written, as
+                     * keys <= i0 + RB <= round_up8(i0 + 1) <= row_cols (i0 is a multiple of RB = 4). */
                     if (lse) lse[(b * H + h) * T + i] = m * scale + logf(sum);
                 }
                 gemm_small(rows, D, keys, s, Tp, 1, p.v, p.R, yh + i0 * p.HD, p.HD, 0);
