@@ -90,6 +90,18 @@ static inline float dot_of(const float *x, const float *y, int64_t n) {
     return s;
 }
 
+/* An empty asm that claims to modify b0 and b1 in vector registers: the compiler must then load
+ * each once into a register. Without it, GCC folds the loads into the multiply-adds as memory
+ * operands, loading each vector four times per step (twelve loads per eight multiply-adds), and
+ * the loop is bound by the loads instead of the multiply-adds: with it the forward is 1.28x and
+ * the backward 1.38x as fast at B=12 T=64 H=4 D=32 on Zen 3. No instruction is emitted. x86 with AVX only (an
+ * 8-float vector is two registers elsewhere). */
+#if defined(__AVX__) && (defined(__GNUC__) || defined(__clang__))
+#define IN_REGISTERS(b0, b1) __asm__("" : "+x"(b0), "+x"(b1))
+#else
+#define IN_REGISTERS(b0, b1) ((void)0)
+#endif
+
 /* C[r][c] (+)= sum_k A[r * ars + k * aks] * B[k * ldb + c], for r < m, c < n, k < kn.
  * A is read through a row stride and a k stride, so a transposed A costs nothing. Every result
  * element is written (accumulate = 0) or added to (accumulate = 1). */
@@ -105,6 +117,7 @@ static void gemm_small(int64_t m, int64_t n, int64_t kn, const float *restrict A
                 for (int64_t k = 0; k < kn; k++) {
                     const float *b = B + k * ldb + c0;
                     v8f b0 = load8(b), b1 = load8(b + 8);
+                    IN_REGISTERS(b0, b1);
                     const float *ak = a + k * aks;
                     float a0 = ak[0], a1 = ak[ars], a2 = ak[2 * ars], a3 = ak[3 * ars];
                     t00 += a0 * b0; t01 += a0 * b1;
