@@ -39,59 +39,65 @@ def _library() -> ctypes.CDLL | None:
 class FusedDecoder:
     """Decode steps for one sequence: ``step(token)`` -> logits (1, vocab) of the next token.
 
-    Holds the pointers of ``model``'s weights and ``cache``'s storage as they are now: build one per
-    generation (it is cheap), not across weight updates.
+    Reads ``model``'s weights and writes ``cache`` in place. Each step checks that no tensor's
+    memory has moved since the last (``share_memory()``, ``.to()``, ``p.data = ...``) and refuses
+    to run over memory that is no longer the model's.
     """
 
     def __init__(self, library: ctypes.CDLL, model: GPT, cache: KVCache) -> None:
         config = model.config
-        self.model, self.cache = model, cache  # keep the memory alive while pointers to it exist
+        self.model, self.cache = model, cache
         self._kernel = library.gpt_decode_step
-        hidden = model.blocks[0].mlp.down.in_features
+        C, H, G, D = config.d_model, config.n_head, config.kv_heads, config.head_dim
+        hidden = config.mlp_hidden
+        qkv_width, up_width = (H + 2 * G) * D, model.blocks[0].mlp.up.out_features
         dims = [
-            config.n_layer, config.n_head, config.kv_heads, config.head_dim, config.d_model, hidden,
-            config.vocab_size, cache.max_len,
+            config.n_layer, H, G, D, C, hidden, config.vocab_size, cache.max_len,
             int(config.norm == "rmsnorm"), int(config.mlp == "swiglu"), int(config.position == "rope"),
         ]
         self._dims = torch.tensor(dims, dtype=torch.int64)
         self._eps = config.norm_eps
+        # The tensors whose memory the kernel reads or writes, in the order csrc/decode_step.c
+        # expects them (None: absent, passed as NULL).
+        self._layer_tensors: list[torch.Tensor | None] = []
+        for layer, block in enumerate(model.blocks):
+            attn, mlp = block.attn, block.mlp
+            self._layer_tensors += [
+                block.attn_norm.weight, getattr(block.attn_norm, "bias", None),
+                attn.qkv.weight, attn.qkv.bias, attn.out.weight, attn.out.bias,
+                block.mlp_norm.weight, getattr(block.mlp_norm, "bias", None),
+                mlp.up.weight, mlp.up.bias, mlp.down.weight, mlp.down.bias,
+                cache.keys[layer, 0], cache.values[layer, 0],
+            ]
+        rotary = model.rotary
+        self._model_tensors: list[torch.Tensor | None] = [
+            model.token_embedding.weight,
+            None if model.position_embedding is None else model.position_embedding.weight,
+            model.final_norm.weight, getattr(model.final_norm, "bias", None),
+            model.lm_head.weight,
+            None if rotary is None else rotary.cos, None if rotary is None else rotary.sin,
+        ]
+        self._addresses = self._current_addresses()
+        self._layer_pointers = torch.tensor(self._addresses[0], dtype=torch.int64)
+        self._model_pointers = torch.tensor(self._addresses[1], dtype=torch.int64)
+        # x, its normalised copy, attention output, qkv, MLP hidden, scores: as decode_step.c lays them out
+        workspace = 2 * C + H * D + qkv_width + up_width + H * cache.max_len
+        self._workspace = torch.empty(workspace, dtype=torch.float32)
+        self._logits = torch.empty(1, config.vocab_size, dtype=torch.float32)
 
+    def _current_addresses(self) -> tuple[list[int], list[int]]:
         def address(t: torch.Tensor | None) -> int:
             return 0 if t is None else t.data_ptr()
 
-        layers = []
-        for layer, block in enumerate(model.blocks):
-            attn, mlp = block.attn, block.mlp
-            layers += [
-                address(block.attn_norm.weight), address(getattr(block.attn_norm, "bias", None)),
-                address(attn.qkv.weight), address(attn.qkv.bias), address(attn.out.weight), address(attn.out.bias),
-                address(block.mlp_norm.weight), address(getattr(block.mlp_norm, "bias", None)),
-                address(mlp.up.weight), address(mlp.up.bias), address(mlp.down.weight), address(mlp.down.bias),
-                address(cache.keys[layer, 0]), address(cache.values[layer, 0]),
-            ]
-        rotary = model.rotary
-        pointers = [
-            address(model.token_embedding.weight),
-            address(None if model.position_embedding is None else model.position_embedding.weight),
-            address(model.final_norm.weight), address(getattr(model.final_norm, "bias", None)),
-            address(model.lm_head.weight),
-            address(None if rotary is None else rotary.cos), address(None if rotary is None else rotary.sin),
-        ]
-        self._layer_pointers = torch.tensor(layers, dtype=torch.int64)
-        self._model_pointers = torch.tensor(pointers, dtype=torch.int64)
-        up_width = mlp.up.out_features
-        workspace = (
-            3 * config.d_model + (config.n_head + 2 * config.kv_heads) * config.head_dim + up_width
-            + config.n_head * cache.max_len
-        )
-        self._workspace = torch.empty(workspace, dtype=torch.float32)
-        self._logits = torch.empty(1, config.vocab_size, dtype=torch.float32)
+        return [address(t) for t in self._layer_tensors], [address(t) for t in self._model_tensors]
 
     @classmethod
     def for_model(cls, model: GPT, cache: KVCache) -> FusedDecoder | None:
         """A decoder for ``model`` writing into ``cache``, or None where the fused step does not apply."""
         config = model.config
         if config.qk_norm or model.training or cache.batch_size != 1 or not _eager() or not _is_plain(model):
+            return None
+        if not _shapes_match(model, cache):
             return None
         tensors = [*model.parameters(), *model.buffers(), cache.keys, cache.values]
         if not all(_plain_cpu_float(t.detach()) for t in tensors if t.is_floating_point()):
@@ -111,6 +117,9 @@ class FusedDecoder:
             raise ValueError(f"cannot decode at position {position} of a cache of {self.cache.max_len}")
         if not 0 <= token < self.model.config.vocab_size:
             raise ValueError(f"token {token} is outside the vocabulary of {self.model.config.vocab_size}")
+        # About 15 data_ptr() reads per layer (tens of microseconds): far cheaper than reading freed memory.
+        if self._current_addresses() != self._addresses:
+            raise RuntimeError("the model's or the cache's memory moved during decoding; start a new FusedDecoder")
         self._kernel(
             self._dims.data_ptr(), self._eps, self._model_pointers.data_ptr(), self._layer_pointers.data_ptr(),
             token, position, self._workspace.data_ptr(), self._logits.data_ptr(), torch.get_num_threads(),
@@ -134,3 +143,56 @@ def _is_plain(model: GPT) -> bool:
         if type(module) not in _PLAIN_TYPES or module._forward_hooks or module._forward_pre_hooks:
             return False
     return True
+
+
+def _shapes_match(model: GPT, cache: KVCache) -> bool:
+    """Every tensor the kernel reads has exactly the shape it assumes from the config, every norm
+    is the config's kind with the config's epsilon, and the cache fits the model: otherwise the C
+    code would read or write outside them."""
+    config = model.config
+    C, H, G, D, V = config.d_model, config.n_head, config.kv_heads, config.head_dim, config.vocab_size
+    hidden = config.mlp_hidden
+    up_width = 2 * hidden if config.mlp == "swiglu" else hidden
+    norm_type = RMSNorm if config.norm == "rmsnorm" else LayerNorm
+
+    def linear_is(linear: nn.Module, out_features: int, in_features: int) -> bool:
+        if type(linear) is not nn.Linear:
+            return False
+        bias = linear.bias
+        return tuple(linear.weight.shape) == (out_features, in_features) and (
+            bias is None if not config.bias else bias is not None and tuple(bias.shape) == (out_features,)
+        )
+
+    def norm_is(norm: nn.Module) -> bool:
+        bias = getattr(norm, "bias", None)
+        return (
+            type(norm) is norm_type
+            and norm.eps == config.norm_eps
+            and tuple(norm.weight.shape) == (C,)
+            and (bias is None or tuple(bias.shape) == (C,))
+        )
+
+    for block in model.blocks:
+        if not (
+            norm_is(block.attn_norm) and norm_is(block.mlp_norm)
+            and linear_is(block.attn.qkv, (H + 2 * G) * D, C) and linear_is(block.attn.out, C, H * D)
+            and linear_is(block.mlp.up, up_width, C) and linear_is(block.mlp.down, C, hidden)
+            and block.mlp.gated == (config.mlp == "swiglu")
+        ):
+            return False
+    position_ok = (
+        tuple(model.position_embedding.weight.shape) == (config.block_size, C)
+        if config.position == "learned"
+        else model.rotary is not None and tuple(model.rotary.cos.shape) == tuple(model.rotary.sin.shape)
+        == (config.block_size, D)
+    )
+    cache_shape = (config.n_layer, 1, G, cache.max_len, D)
+    return (
+        len(model.blocks) == config.n_layer
+        and position_ok
+        and norm_is(model.final_norm)
+        and tuple(model.token_embedding.weight.shape) == (V, C)
+        and tuple(model.lm_head.weight.shape) == (V, C) and model.lm_head.bias is None
+        and tuple(cache.keys.shape) == tuple(cache.values.shape) == cache_shape
+        and cache.max_len <= config.block_size
+    )

@@ -68,11 +68,19 @@ def test_fused_steps_match_the_model_and_share_its_cache(variant: str) -> None:
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "llama", "odd_widths"])
-def test_batch_one_decoding_equals_the_pytorch_path_through_a_sliding_context(variant: str) -> None:
+def test_batch_one_decoding_equals_the_pytorch_path_through_a_sliding_context(variant: str, monkeypatch) -> None:
     model = make_model(seed=3, **COVERED[variant])
     prompt = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
-    steps = 3 * model.config.block_size  # the context slides twice
+    steps = 3 * model.config.block_size  # the context fills and slides several times
+    calls = []
+    real_step = FusedDecoder.step
+    monkeypatch.setattr(FusedDecoder, "step", lambda self, token: calls.append(token) or real_step(self, token))
     fused = torch.cat(list(decode_tokens(model, prompt, max_new_tokens=steps, temperature=0.0)))
+    # Every step ran fused except the prefills after a slide (each keeps the last 3/4 of the window).
+    block, keep, length, slides = model.config.block_size, (3 * model.config.block_size) // 4, 5, 0
+    for _ in range(steps - 1):
+        slides, length = (slides + 1, keep) if length == block else (slides, length + 1)
+    assert slides >= 2 and len(calls) == steps - 1 - slides
     # Two identical rows take the PyTorch path (the fused step is for one row).
     plain = torch.stack(list(decode_tokens(model, prompt.repeat(2, 1), max_new_tokens=steps, temperature=0.0)), 1)
     assert torch.equal(plain[0], plain[1])
@@ -118,7 +126,9 @@ def test_bad_steps_are_refused_before_touching_memory() -> None:
         with pytest.raises(ValueError, match="outside the vocabulary"):
             fused.step(-1)
         for token in (1, 2, 3):
-            fused.step(token)
+            last = fused.step(token)
+        # The last slot of the cache is used, and right.
+        torch.testing.assert_close(last, model(torch.tensor([[1, 2, 3]]))[:, -1], atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="position 3 of a cache of 3"):
             fused.step(4)
     assert cache.uniform_length == 3
@@ -164,3 +174,67 @@ def test_a_model_with_a_changed_module_or_a_hook_is_left_to_pytorch() -> None:
         scaled.load_state_dict(up.state_dict())
         model.blocks[1].mlp.up = scaled
         assert FusedDecoder.for_model(model, cache) is None
+
+
+def test_moved_memory_is_refused_instead_of_read() -> None:
+    model = make_model()
+    with torch.inference_mode():
+        cache = model.new_kv_cache(1)
+        fused = FusedDecoder.for_model(model, cache)
+        assert fused is not None
+        fused.step(1)
+        model.share_memory()  # every parameter gets new storage; the old is freed
+        with pytest.raises(RuntimeError, match="memory moved"):
+            fused.step(2)
+        assert cache.uniform_length == 1
+
+
+def test_a_cache_or_a_layer_of_another_shape_is_left_to_pytorch() -> None:
+    from gptkit.model.kv_cache import KVCache
+
+    model = make_model()  # head_dim 8, block_size 32
+    with torch.no_grad():
+        narrow = KVCache(n_layer=2, batch_size=1, n_kv_head=4, head_dim=4, max_len=20)
+        assert FusedDecoder.for_model(model, narrow) is None
+        too_long = KVCache(n_layer=2, batch_size=1, n_kv_head=4, head_dim=8, max_len=40)  # > block_size
+        assert FusedDecoder.for_model(model, too_long) is None
+        assert FusedDecoder.for_model(model, model.new_kv_cache(1)) is not None
+        model.blocks[1].mlp.up = torch.nn.Linear(32, 64)  # a pruned MLP
+        model.blocks[1].mlp.down = torch.nn.Linear(64, 32)
+        assert FusedDecoder.for_model(model, model.new_kv_cache(1)) is None
+        other = make_model()
+        other.blocks[0].attn_norm = torch.nn.Identity()
+        assert FusedDecoder.for_model(other, other.new_kv_cache(1)) is None
+
+
+def test_thread_count_does_not_change_a_single_bit() -> None:
+    model = make_model(**COVERED["wide"])
+    tokens = [3, 1, 4, 1, 5, 9, 2, 6]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                cache = model.new_kv_cache(1)
+                fused = FusedDecoder.for_model(model, cache)
+                assert fused is not None
+                results.append(torch.stack([fused.step(t).clone() for t in tokens]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_a_nan_in_attention_makes_the_logits_nan_as_in_the_model() -> None:
+    model = make_model()
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.bias[32] = float("nan")  # one key feature of head 0
+        tokens = torch.tensor([[5, 6, 7]])
+        expected = model(tokens)[:, -1]
+        cache = model.new_kv_cache(1)
+        model(tokens[:, :2], kv_cache=cache)
+        fused = FusedDecoder.for_model(model, cache)
+        assert fused is not None
+        logits = fused.step(7)
+    assert torch.isnan(expected).all()
+    assert torch.isnan(logits).all()

@@ -30,6 +30,13 @@ static inline float exp_approx(float v) {
     return p * scale;
 }
 
+/* NaN test on the bits: -ffinite-math-only lets the compiler fold x != x to false. */
+static inline int is_nan(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return (bits & 0x7fffffffu) > 0x7f800000u;
+}
+
 /* 8-float vectors as GCC/Clang vector extensions: AVX on x86, pairs of NEON registers on ARM. */
 typedef float v8f __attribute__((vector_size(32)));
 

@@ -110,18 +110,22 @@ static void attend(const float *q, const float *keys, const float *values, int64
         max = scores[j] > max ? scores[j] : max;
     }
     float total = 0.0f;
+    int nan_seen = 0;
     for (int64_t j = 0; j < len; j++) {
+        nan_seen |= is_nan(scores[j]);
         scores[j] = exp_approx(scores[j] - max);
         total += scores[j];
     }
-    float inv = 1.0f / total;
+    /* A NaN score makes the whole row NaN, as in SDPA (exp_approx would clamp it to a weight of 0). */
+    float inv = nan_seen ? NAN : 1.0f / total;
     for (int64_t i = 0; i < d; i++) out[i] = 0.0f;
     for (int64_t j = 0; j < len; j++) axpy(scores[j] * inv, values + j * d, out, d);
 }
 
 /* Logits (vocab) of the token at position `pos`, whose keys and values are written into the cache
  * at `pos` (positions 0..pos-1 must hold the sequence so far).
- * workspace: at least 3 d_model + (n_head + 2 n_kv_head) head_dim + 2 hidden + n_head max_len floats. */
+ * workspace: at least 2 d_model + n_head head_dim + (n_head + 2 n_kv_head) head_dim + up_width + n_head max_len
+ * floats, up_width being the up projection's rows (2 hidden for SwiGLU). */
 void gpt_decode_step(const int64_t *dims, float norm_eps, const int64_t *model_ptrs, const int64_t *layer_ptrs,
                      int64_t token, int64_t pos, float *workspace, float *logits, int threads) {
     Shape s = {
