@@ -15,7 +15,6 @@ the attention) and only for T up to ``MAX_T``, measured on the 2-core test machi
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
 
 import torch
@@ -30,19 +29,16 @@ from gptkit.model.cpu_kernels import POINTER, SIZE, THREADS, _eager, _plain_cpu_
 # T=1024 (B=1), where SDPA's tiling over keys wins.
 MAX_T = 512
 
+# Both return 0, or 1 when a thread could not allocate its scratch memory.
 _SIGNATURES = (
-    ("attention_forward", (POINTER, POINTER, POINTER, SIZE, SIZE, SIZE, SIZE, SIZE, THREADS)),
-    ("attention_backward", (POINTER, POINTER, POINTER, POINTER, POINTER, SIZE, SIZE, SIZE, SIZE, SIZE, THREADS)),
+    ("attention_forward", (POINTER, POINTER, POINTER, SIZE, SIZE, SIZE, SIZE, SIZE, THREADS), ctypes.c_int),
+    ("attention_backward", (POINTER, POINTER, POINTER, POINTER, POINTER, SIZE, SIZE, SIZE, SIZE, SIZE, THREADS),
+     ctypes.c_int),
 )
 
 
-@functools.cache
 def _library() -> ctypes.CDLL | None:
-    library = load_library("attention", _SIGNATURES)
-    if library is not None:
-        # Both return 0, or 1 when a thread could not allocate its scratch memory.
-        library.attention_forward.restype = library.attention_backward.restype = ctypes.c_int
-    return library
+    return load_library("attention", _SIGNATURES)
 
 
 def _check(status: int) -> None:
@@ -65,7 +61,7 @@ def covers(qkv: torch.Tensor, n_head: int, n_kv_head: int) -> bool:
     rest (causal, no mask, cache, dropout, RoPE or qk-norm)."""
     return (
         qkv.dim() == 3
-        and qkv.shape[1] <= MAX_T
+        and 1 <= qkv.shape[1] <= MAX_T
         and n_head % n_kv_head == 0
         and _plain_cpu_float(qkv)
         and _eager()

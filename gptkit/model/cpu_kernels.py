@@ -3,9 +3,11 @@
 Only where ATen is slow for the shapes gptkit runs: GPT-2's tanh-GELU (ATen's vectorised tanh costs
 about as much as the surrounding matmuls at small widths on CPUs like the 2-core test machine), and
 the linears of a decode step at batch 1 to 8, which must stream every weight from memory once per
-token and should do so at the memory's speed.
-The sources are ``csrc/*.c`` (one shared library each): plain C with OpenMP, no PyTorch headers, so it compiles in
-well under a second. The shared library is cached under ``$GPTKIT_CACHE/kernels`` (default
+token and should do so at the memory's speed (this module); the fused causal attention for training
+(``attention_kernel``) and the whole batch-1 decode step (``fused_decode``) load theirs through
+``load_library`` here.
+The sources are ``csrc/*.c`` (one shared library each): plain C with OpenMP, no PyTorch headers, so
+each compiles in about a second. A shared library is cached under ``$GPTKIT_CACHE/kernels`` (default
 ``~/.cache/gptkit/kernels``), keyed by the source, the flags, the compiler and the CPU, and loaded
 with ctypes; the kernels read and write the tensors' memory directly.
 
@@ -79,7 +81,7 @@ def _compile(compiler: list[str], source: Path, target: Path) -> None:
         tmp.chmod(0o755)  # mkstemp made it private; a shared cache must be loadable by everyone
 
 
-def _load(name: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
+def _load(name: str, signatures: tuple[tuple, ...]) -> ctypes.CDLL | None:
     command = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not command:
         logger.debug("no C compiler found; using ATen kernels")
@@ -97,10 +99,10 @@ def _load(name: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
     if not target.exists():
         _compile(compiler, source, target)
     library = ctypes.CDLL(str(target))
-    for function_name, argtypes in signatures.items():
+    for function_name, argtypes, *restype in signatures:
         function = getattr(library, function_name)
-        function.argtypes = argtypes
-        function.restype = None
+        function.argtypes = list(argtypes)
+        function.restype = restype[0] if restype else None
     return library
 
 
@@ -108,14 +110,14 @@ POINTER, SIZE, THREADS = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
 @functools.cache
-def load_library(name: str, signatures: tuple[tuple[str, tuple], ...]) -> ctypes.CDLL | None:
-    """The shared library built from ``csrc/<name>.c`` with the given (function, argtypes)
-    signatures, or None when the kernels are switched off or cannot be built here. Each source is
+def load_library(name: str, signatures: tuple[tuple, ...]) -> ctypes.CDLL | None:
+    """The shared library built from ``csrc/<name>.c`` with the given (function, argtypes) or
+    (function, argtypes, restype) signatures (no restype: void), or None when the kernels are switched off or cannot be built here. Each source is
     its own library, so one that fails to build does not take the others with it."""
     if os.environ.get("GPTKIT_CPU_KERNELS", "1") == "0":
         return None
     try:
-        return _load(name, {function: list(argtypes) for function, argtypes in signatures})
+        return _load(name, signatures)
     except Exception as exc:  # noqa: BLE001 - any failure here only means: use ATen
         detail = getattr(exc, "stderr", "") or exc
         logger.warning("could not build gptkit's CPU kernels %s.c (%s); using ATen kernels", name,

@@ -91,7 +91,8 @@ class AttentionContext:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head (or grouped-/multi-query) causal self-attention through SDPA."""
+    """Multi-head (or grouped-/multi-query) causal self-attention: through SDPA, or on CPU for
+    full sequences up to 512 tokens through gptkit's fused C kernel (``attention_kernel``)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -109,7 +110,7 @@ class CausalSelfAttention(nn.Module):
     def _fused_kernel_applies(self, ctx: AttentionContext, T: int) -> bool:
         """Whether the attention is plain causal softmax attention of the raw projections, as the
         fused CPU kernel computes it: full sequence (no cache, no mask), no dropout, no RoPE or
-        qk-norm. (The kernel itself checks the tensor: CPU float32, eager mode, short T.)"""
+        qk-norm. (``attention_kernel.covers`` checks the tensor: CPU float32, eager mode, short T.)"""
         return (
             (ctx.is_causal or T == 1)  # one token attends to itself alone, causal or not
             and ctx.cache is None

@@ -67,6 +67,7 @@ def test_kernel_builds_on_this_machine() -> None:
         (2, 20, 4, 2, 8),  # grouped-query
         (1, 24, 4, 1, 5),  # multi-query, odd D
         (1, 130, 2, 2, 64),  # past the 4-row blocks and 8-column padding
+        (1, 512, 1, 1, 8),  # MAX_T: the largest per-thread scratch
     ],
 )
 def test_matches_float64_reference_forward_and_backward(B: int, T: int, H: int, Hkv: int, D: int) -> None:
@@ -172,6 +173,7 @@ def test_covers_only_plain_short_cpu_float32() -> None:
     assert not attention_kernel.covers(qkv.double(), 2, 2)
     assert not attention_kernel.covers(torch.randn(2, 3 * 32, 16).transpose(1, 2), 2, 2)  # strided
     assert not attention_kernel.covers(torch.randn(1, attention_kernel.MAX_T + 1, 3 * 32), 2, 2)
+    assert not attention_kernel.covers(torch.randn(2, 0, 3 * 32), 2, 2)  # an empty sequence
     with torch.autograd.forward_ad.dual_level():
         assert not attention_kernel.covers(qkv, 2, 2)  # SDPA carries the tangents
 

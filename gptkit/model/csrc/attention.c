@@ -84,16 +84,6 @@ static inline float hmax8(v8f v) {
     return m;
 }
 
-/* x[0..n-1] . y[0..n-1] */
-static inline float dot_of(const float *x, const float *y, int64_t n) {
-    v8f acc = {0};
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) acc += load8(x + j) * load8(y + j);
-    float s = sum8(acc);
-    for (; j < n; j++) s += x[j] * y[j];
-    return s;
-}
-
 /* An empty asm that claims to modify its vectors in registers: the compiler must then load each
  * once into a register. Without it, GCC folds the loads of B into the multiply-adds as memory
  * operands, loading each vector four times per step (twelve loads per eight multiply-adds), and

@@ -62,6 +62,16 @@ static inline float sigmoid_of_gelu_arg(float x) {
     return z < -87.0f ? 0.0f : s;
 }
 
+/* x[0..n-1] . y[0..n-1] for short vectors (one head's width) */
+static inline float dot_of(const float *x, const float *y, int64_t n) {
+    v8f acc = {0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) acc += load8(x + j) * load8(y + j);
+    float s = sum8(acc);
+    for (; j < n; j++) s += x[j] * y[j];
+    return s;
+}
+
 /* The dot product of one weight row with x: eight accumulators over 64 floats at a time keep many
  * loads in flight, and each thread reads W as one sequential stream (what the hardware
  * prefetchers follow best; measured a few % faster than four rows in flight). */

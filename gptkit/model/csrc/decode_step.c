@@ -85,15 +85,6 @@ static void rotate(float *v, const float *cos, const float *sin, int64_t d) {
     }
 }
 
-static float dot(const float *restrict a, const float *restrict b, int64_t n) {
-    v8f acc = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc += load8(a + i) * load8(b + i);
-    float s = sum8(acc);
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 /* out += p * v over n floats */
 static void axpy(float p, const float *restrict v, float *restrict out, int64_t n) {
     for (int64_t i = 0; i < n; i++) out[i] += p * v[i];
@@ -106,7 +97,7 @@ static void attend(const float *q, const float *keys, const float *values, int64
     float scale = 1.0f / sqrtf((float)d);
     float max = -FLT_MAX;
     for (int64_t j = 0; j < len; j++) {
-        scores[j] = dot(q, keys + j * d, d) * scale;
+        scores[j] = dot_of(q, keys + j * d, d) * scale;
         max = scores[j] > max ? scores[j] : max;
     }
     float total = 0.0f;
