@@ -19,9 +19,9 @@ from __future__ import annotations
 import ctypes
 
 import torch
-
 from torch import nn
 
+from gptkit.config import ModelConfig
 from gptkit.model.cpu_kernels import POINTER, SIZE, THREADS, _eager, _plain_cpu_float, load_library
 from gptkit.model.gpt import GPT
 from gptkit.model.kv_cache import KVCache
@@ -50,7 +50,7 @@ class FusedDecoder:
         self._kernel = library.gpt_decode_step
         C, H, G, D = config.d_model, config.n_head, config.kv_heads, config.head_dim
         hidden = config.mlp_hidden
-        qkv_width, up_width = (H + 2 * G) * D, model.blocks[0].mlp.up.out_features
+        qkv_width, up_width = (H + 2 * G) * D, _up_width(config)
         dims = [
             config.n_layer, H, G, D, C, hidden, config.vocab_size, cache.max_len,
             int(config.norm == "rmsnorm"), int(config.mlp == "swiglu"), int(config.position == "rope"),
@@ -145,14 +145,18 @@ def _is_plain(model: GPT) -> bool:
     return True
 
 
+def _up_width(config: ModelConfig) -> int:
+    """Rows of the MLP's up projection: the hidden width, twice over for SwiGLU (gate and up)."""
+    return 2 * config.mlp_hidden if config.mlp == "swiglu" else config.mlp_hidden
+
+
 def _shapes_match(model: GPT, cache: KVCache) -> bool:
     """Every tensor the kernel reads has exactly the shape it assumes from the config, every norm
     is the config's kind with the config's epsilon, and the cache fits the model: otherwise the C
     code would read or write outside them."""
     config = model.config
     C, H, G, D, V = config.d_model, config.n_head, config.kv_heads, config.head_dim, config.vocab_size
-    hidden = config.mlp_hidden
-    up_width = 2 * hidden if config.mlp == "swiglu" else hidden
+    hidden, up_width = config.mlp_hidden, _up_width(config)
     norm_type = RMSNorm if config.norm == "rmsnorm" else LayerNorm
 
     def linear_is(linear: nn.Module, out_features: int, in_features: int) -> bool:

@@ -12,24 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptkit.config import ModelConfig
 from gptkit.generate import decode_tokens
 from gptkit.model import GPT, cpu_kernels
 from gptkit.model.fused_decode import FusedDecoder
+from model_variants import TINY, VARIANTS  # noqa: E402  (tests/unit is on sys.path under pytest)
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, d_model=32)
 COVERED = {
-    "gpt2": {},
-    "rope": {"position": "rope"},
-    "rmsnorm": {"norm": "rmsnorm"},
-    "swiglu": {"mlp": "swiglu"},
-    "gqa": {"n_kv_head": 2},
-    "mqa": {"n_kv_head": 1},
-    "no_bias": {"bias": False},
-    "untied": {"tie_embeddings": False},
-    "llama": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "bias": False,
-              "tie_embeddings": False},
+    **{name: options for name, options in VARIANTS.items() if not options.get("qk_norm")},  # QK-norm: not fused
     # widths that are not multiples of the kernels' vector blocks (8 and 64 floats): scalar tails
     "odd_widths": {"d_model": 36, "n_head": 3, "d_ff": 100},
     "wide": {"d_model": 192, "n_head": 2, "n_layer": 1},

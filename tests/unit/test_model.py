@@ -13,24 +13,7 @@ from gptkit.errors import ConfigError
 from gptkit.generate import decode_tokens
 from gptkit.model import GPT, PRESETS
 
-TINY = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, d_model=32)
-
-# Every independent option, each switched on alone and all together.
-VARIANTS = {
-    "gpt2": {},
-    "rope": {"position": "rope"},
-    "rmsnorm": {"norm": "rmsnorm"},
-    "swiglu": {"mlp": "swiglu"},
-    "gqa": {"n_kv_head": 2},
-    "mqa": {"n_kv_head": 1},
-    "no_bias": {"bias": False},
-    "untied": {"tie_embeddings": False},
-    "qk_norm": {"qk_norm": True},
-    "llama": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "bias": False,
-              "tie_embeddings": False},
-    "everything": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 1, "bias": False,
-                   "tie_embeddings": False, "qk_norm": True},
-}
+from model_variants import TINY, VARIANTS  # noqa: E402  (tests/unit is on sys.path under pytest)
 
 
 def make_model(seed: int = 0, **overrides) -> GPT:
