@@ -9,6 +9,10 @@ from other processes hits all of them alike; each reports the median over rounds
     python benchmarks/train_throughput.py            # both shapes, a few minutes on 2 CPU cores
     python benchmarks/train_throughput.py --quick    # smoke test, < 60 s
     python benchmarks/train_throughput.py --compile  # adds a torch.compile'd gptkit row
+
+A third row, "plain PyTorch GPT (nanoGPT-style)" (``_plain_gpt.py``: nn.Linear, nn.LayerNorm, F.gelu,
+SDPA; the same weights), shows what the same model costs in straightforward PyTorch on this machine
+(``--no-plain`` leaves it out).
 """
 
 from __future__ import annotations
@@ -31,10 +35,13 @@ from _common import (  # noqa: E402
     set_threads,
 )
 
+from _plain_gpt import PlainGPT  # noqa: E402
+
 from gptkit.model import GPT, ModelConfig, preset_values
 from gptkit.model.hf import to_hf
 from gptkit.train.optim import parameter_groups
 
+PLAIN_NAME = "plain PyTorch GPT (nanoGPT-style)"
 LR = 1e-3
 WEIGHT_DECAY = 0.1
 CLIP = 1.0
@@ -96,7 +103,7 @@ def flops_per_token(config: ModelConfig, model: GPT) -> tuple[float, int]:
     return 6.0 * matmul_params + attention, matmul_params
 
 
-def build_impls(config: ModelConfig, *, compile_gptkit: bool) -> tuple[list[Impl], GPT]:
+def build_impls(config: ModelConfig, *, compile_gptkit: bool, plain: bool = True) -> tuple[list[Impl], GPT]:
     torch.manual_seed(0)
     gk = GPT(config).train()
     hf = to_hf(gk)  # identical weights; eval mode and fp32 like the source
@@ -108,16 +115,20 @@ def build_impls(config: ModelConfig, *, compile_gptkit: bool) -> tuple[list[Impl
         Impl("gptkit GPT", gk, lambda x: gk(x)),
         Impl("HF GPT2LMHeadModel (sdpa)", hf, lambda x: hf(input_ids=x).logits),
     ]
+    if plain:
+        reference = PlainGPT(config).train()
+        reference.load_state_dict(gk.state_dict())  # the same names, so the same weights
+        impls.append(Impl(PLAIN_NAME, reference, lambda x: reference(x)))
     if compiled_source is not None:
         compiled = torch.compile(compiled_source)
         impls.append(Impl("gptkit GPT + torch.compile", compiled_source, lambda x: compiled(x)))
     return impls, gk
 
 
-def run_shape(shape: Shape, *, compile_gptkit: bool, peak: float) -> tuple[list[list[object]], list[str]]:
+def run_shape(shape: Shape, *, compile_gptkit: bool, plain: bool, peak: float) -> tuple[list[list[object]], list[str]]:
     config = shape.config
     log(f"[{shape.name}] building models")
-    impls, gk = build_impls(config, compile_gptkit=compile_gptkit)
+    impls, gk = build_impls(config, compile_gptkit=compile_gptkit, plain=plain)
     fpt, matmul_params = flops_per_token(config, gk)
     tokens_per_step = shape.batch * config.block_size
 
@@ -208,7 +219,7 @@ def profile_step(config: ModelConfig, batch: int, rows: int) -> str:
     """torch.profiler tables of one training step of each implementation (after warm-up)."""
     from torch.profiler import ProfilerActivity, profile
 
-    impls, _ = build_impls(config, compile_gptkit=False)
+    impls, _ = build_impls(config, compile_gptkit=False, plain=False)
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, config.vocab_size, (batch, config.block_size), generator=gen)
     y = torch.randint(0, config.vocab_size, (batch, config.block_size), generator=gen)
@@ -229,6 +240,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few steps, GPT-2 at batch 1: a smoke test (< 60 s)")
     parser.add_argument("--shapes", default="char,gpt2", help="comma-separated subset of: char, gpt2")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile'd gptkit row")
+    parser.add_argument("--no-plain", action="store_true",
+                        help="leave out the plain PyTorch (nanoGPT-style) reference row")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--char-batch", type=int, default=12)
     parser.add_argument("--char-steps", type=int, default=5, help="timed steps per round (char shape)")
@@ -265,7 +278,7 @@ def main() -> None:
     peak_before = matmul_peak_flops()
     results, notes = [], []
     for shape in shapes:
-        rows, shape_notes = run_shape(shape, compile_gptkit=args.compile, peak=peak_before)
+        rows, shape_notes = run_shape(shape, compile_gptkit=args.compile, plain=not args.no_plain, peak=peak_before)
         results.extend(rows)
         notes.extend(shape_notes)
     peak_after = matmul_peak_flops()
