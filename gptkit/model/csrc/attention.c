@@ -56,16 +56,10 @@ static inline v8i visible8(int64_t j0, int64_t i) {
 static inline v8f exp8(v8f v) {
     v = select8(v < -87.0f, splat8(-87.0f), v);
     v = select8(v > 88.0f, splat8(88.0f), v);
-    v8f k = (v * 1.4426950408889634f + 12582912.0f) - 12582912.0f;
-    v8f r = v - k * 0.693145751953125f;
-    r = r - k * 1.4286068203094172e-06f;
-    v8f p = splat8(1.0f / 720.0f);
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    v8f k = (v * LOG2_E + ROUND_TO_INTEGER) - ROUND_TO_INTEGER;
+    v8f r = v - k * LN2_HIGH;
+    r = r - k * LN2_LOW;
+    v8f p = EXP_TAYLOR6(r);
     v8i bits = (__builtin_convertvector(k, v8i) + 127) << 23;
     return p * (v8f)bits;
 }

@@ -10,20 +10,22 @@
  * exp(v) = 2^k * exp(r), k = round(v / ln 2), |r| <= ln(2) / 2, exp(r) by its degree-6 Taylor
  * polynomial (the first omitted term is below 2e-7 there). ln 2 is split in two (Cody-Waite) so
  * that r keeps its precision. */
+/* The steps shared with attention.c's eight-lane exp8; each takes a float or a v8f. */
+#define LOG2_E 1.4426950408889634f
+#define LN2_HIGH 0.693145751953125f        /* high part of ln 2 (exact in float) */
+#define LN2_LOW 1.4286068203094172e-06f    /* low part */
+#define ROUND_TO_INTEGER 12582912.0f       /* 1.5 * 2^23: adding it pushes a float's fraction out */
+/* exp(r) for |r| <= ln(2) / 2 (r a variable: it is read six times) */
+#define EXP_TAYLOR6(r) \
+    (1.0f + (r) * (1.0f + (r) * (0.5f + (r) * (1.0f / 6.0f + (r) * (1.0f / 24.0f + (r) * (1.0f / 120.0f + (r) * (1.0f / 720.0f)))))))
+
 static inline float exp_approx(float v) {
     v = fmaxf(v, -87.0f);
     v = fminf(v, 88.0f);
-    /* k = v / ln 2 rounded to the nearest integer: adding 1.5 * 2^23 pushes the fraction out. */
-    float k = (v * 1.4426950408889634f + 12582912.0f) - 12582912.0f;
-    float r = v - k * 0.693145751953125f;      /* high part of ln 2 (exact in float) */
-    r = r - k * 1.4286068203094172e-06f;       /* low part */
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    float k = (v * LOG2_E + ROUND_TO_INTEGER) - ROUND_TO_INTEGER;  /* v / ln 2, rounded */
+    float r = v - k * LN2_HIGH;
+    r = r - k * LN2_LOW;
+    float p = EXP_TAYLOR6(r);
     int32_t bits = ((int32_t)k + 127) << 23;  /* 2^k as a float's bit pattern */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
