@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -17,7 +19,44 @@ from gptkit.errors import ConfigError, GptkitError
 
 logger = logging.getLogger("gptkit")
 
-OVERRIDE_HELP = "override any recipe field, for example --train.max_steps=200 --model.n_layer=4"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (with where to look) instead of the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _fields_help(*sections: str) -> str:
+    """The recipe keys of ``sections``, for the epilog of a command that takes overrides."""
+    from gptkit.config import _SECTIONS
+
+    lines = []
+    for section in sections:
+        names = ", ".join(f.name for f in dataclasses.fields(_SECTIONS[section]))
+        lines.append(f"  {section}.{{{names}}}")
+    return "recipe keys (override with --section.field=value):\n" + "\n".join(lines)
+
+
+def _check_recipe_path(path: str | None) -> None:
+    """The positional argument of prepare/train is a YAML recipe; a corpus there is a common slip."""
+    if path is None or Path(path).suffix.lower() in (".yaml", ".yml"):
+        return
+    if Path(path).is_dir() or Path(path).suffix.lower() in (".txt", ".jsonl"):
+        raise ConfigError(
+            f"{path} looks like a corpus, not a YAML recipe: pass it as --data.source={path} "
+            "(with a recipe such as configs/shakespeare-char.yaml, or none for the defaults)"
+        )
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def _unescape(text: str) -> str:
+    r"""``\n``, ``\t``, ``\r`` and ``\\`` as typed in a shell argument become the characters they name
+    (as llama.cpp reads them); any other backslash is kept as it is."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 def _split_overrides(parser: argparse.ArgumentParser, extra: list[str]) -> list[str]:
@@ -38,6 +77,7 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     from gptkit.config import load_run_config
     from gptkit.data import prepare_dataset
 
+    _check_recipe_path(args.config)
     config = load_run_config(args.config, overrides)
     data = config.data
     started = time.perf_counter()
@@ -69,6 +109,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from gptkit.train import resume_run_config
     from gptkit.train.run import start_run
 
+    _check_recipe_path(args.config)
     config = load_run_config(args.config, overrides)
     if args.resume:
         config = resume_run_config(config, overrides)
@@ -122,7 +163,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     from gptkit.api import load, load_tokenizer
     from gptkit.config import SampleConfig
     from gptkit.generate import stream_text
-    from gptkit.generate.generator import encode_prompt
+    from gptkit.generate.generator import check_vocabularies, encode_prompt
 
     if overrides:
         raise ConfigError(f"generate takes no recipe overrides; got {overrides[0]!r} (see gptkit generate --help)")
@@ -135,11 +176,14 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
-        stop=tuple(args.stop or ()),
+        stop=tuple(_unescape(stop) for stop in args.stop or ()),
     )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: this machine has no CUDA device; use cpu or auto")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load(args.checkpoint, device=device)
     tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+    check_vocabularies(model, tokenizer)  # before anything is printed
     prompt = args.prompt
     if args.prompt_file:
         try:
@@ -164,9 +208,43 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------- convert
 
+# What gptkit and Hugging Face write into a model directory: a destination holding only these (and
+# no folders) may be replaced with --force; anything else might be the user's work.
+MODEL_FILE_PATTERNS = (
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+)
+
+
+def _check_convert_destination(given: Path, source: Path, destination: Path, *, force: bool) -> None:
+    """Refuse a destination whose replacement would lose anything but an earlier conversion."""
+    target = destination.resolve()
+    for protected in {given.resolve(), source.resolve()}:
+        if target == protected or target in protected.parents:
+            raise ConfigError(f"destination {destination} is or contains the source {given}; choose another directory")
+    if target == Path.cwd() or target in Path.cwd().parents:
+        raise ConfigError(f"destination {destination} is or contains the current directory; choose another directory")
+    if not destination.exists() and not destination.is_symlink():
+        return
+    if not destination.is_dir():
+        raise ConfigError(f"destination {destination} exists and is not a directory")
+    entries = list(destination.iterdir())
+    if not entries:
+        return  # an empty folder, e.g. made by the user for the output
+    if not force:
+        raise ConfigError(f"destination {destination} exists; pass --force to replace it")
+    foreign = sorted(
+        e.name for e in entries if e.is_dir() or not any(fnmatch.fnmatch(e.name, p) for p in MODEL_FILE_PATTERNS)
+    )
+    if foreign:
+        raise ConfigError(
+            f"destination {destination} holds more than a model ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); --force only replaces a model directory, so choose another one"
+        )
+
 
 def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
-    from gptkit.api import load, resolve_checkpoint_dir
+    from gptkit.api import load, load_tokenizer, resolve_checkpoint_dir
     from gptkit.checkpoint import TOKENIZER_FILE, write_model_files
     from gptkit.fileio import atomic_directory
     from gptkit.model.hf import is_hf_directory, save_hf
@@ -175,13 +253,13 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError(f"convert takes no recipe overrides; got {overrides[0]!r}")
     source = resolve_checkpoint_dir(args.source)
     destination = Path(args.destination)
-    if destination.exists() and not args.force:
-        raise ConfigError(f"destination {destination} exists; pass --force to replace it")
+    _check_convert_destination(Path(args.source), source, destination, force=args.force)
     target = args.to or ("gptkit" if is_hf_directory(source) else "hf")
     model = load(source)
     tokenizer = source / TOKENIZER_FILE
     if target == "hf":
-        save_hf(model, destination, tokenizer_json_path=tokenizer if tokenizer.exists() else None)
+        eot_id = load_tokenizer(tokenizer).eot_id if tokenizer.exists() else None
+        save_hf(model, destination, tokenizer_json_path=tokenizer if tokenizer.exists() else None, eot_id=eot_id)
     else:
         import shutil
 
@@ -247,29 +325,40 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gptkit",
         description="Build, train and sample GPT-style language models.",
         epilog="Run `gptkit <command> --help` for the options of each command.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # -v also after the command; SUPPRESS keeps the value given before it when it is not repeated.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
 
     prepare = commands.add_parser(
         "prepare",
+        parents=[common],
+        formatter_class=raw,
         help="clean and tokenize a corpus into memory-mapped shards",
-        description="Tokenize data.source into token shards, meta.json and tokenizer.json under data.dir.",
-        epilog=OVERRIDE_HELP + ". Sources: shakespeare (built in), a .txt file, a folder of .txt files, a .jsonl "
-        "file with a text field.",
+        description="Tokenize data.source into token shards, meta.json and tokenizer.json under data.dir.\n"
+        "Sources: shakespeare (built in), a .txt file, a folder of .txt files, a .jsonl file with a text field.",
+        epilog="example: gptkit prepare --data.source=notes.txt --data.dir=data/notes --data.tokenizer=bpe "
+        "--data.vocab_size=2048\n\n" + _fields_help("data"),
     )
     prepare.add_argument("config", nargs="?", help="YAML recipe (optional)")
     prepare.set_defaults(func=cmd_prepare)
 
     train = commands.add_parser(
         "train",
+        parents=[common],
+        formatter_class=raw,
         help="train a model from a YAML recipe",
         description="Train (preparing the data first if needed); checkpoints go to train.out_dir/checkpoint.",
-        epilog=OVERRIDE_HELP,
+        epilog="example: gptkit train configs/shakespeare-char.yaml --train.max_steps=200 --model.n_layer=2\n"
+        "model.preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt-micro, gpt-mini, gpt-small-cpu, ...) sets the "
+        "shape; other model keys override it.\n\n" + _fields_help("model", "data", "train"),
     )
     train.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/shakespeare-char.yaml")
     train.add_argument("--resume", action="store_true", help="continue exactly from train.out_dir/checkpoint")
@@ -278,26 +367,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser(
         "generate",
+        parents=[common],
         help="sample text from a checkpoint, streaming to the terminal",
         description="Generate from a gptkit checkpoint (or run directory) or a Hugging Face GPT-2 directory.",
+        epilog='example: gptkit generate out/shakespeare-char --prompt "ROMEO:" --top-k 50 --seed 1 --stop "\\n\\n"',
     )
     generate.add_argument("checkpoint", help="checkpoint or run directory (e.g. out/shakespeare-char)")
     generate.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     generate.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    generate.add_argument("--max-new-tokens", type=int, default=200)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    generate.add_argument("--top-k", type=int, default=None)
-    generate.add_argument("--top-p", type=float, default=None)
-    generate.add_argument("--repetition-penalty", type=float, default=1.0)
-    generate.add_argument("--seed", type=int, default=None)
-    generate.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
-    generate.add_argument("--num-samples", type=int, default=1)
+    generate.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    generate.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (default: all)")
+    generate.add_argument("--top-p", type=float, default=None,
+                          help="sample from the smallest set of tokens whose probabilities reach p (default: off)")
+    generate.add_argument("--repetition-penalty", type=float, default=1.0,
+                          help="> 1 makes tokens already in the text less likely (CTRL-style; default 1.0 = off)")
+    generate.add_argument("--seed", type=int, default=None,
+                          help="random seed for reproducible samples (default: a fresh one each run)")
+    generate.add_argument("--stop", action="append",
+                          help="stop when this string appears (repeatable); \\n, \\t, \\r and \\\\ are read as escapes")
+    generate.add_argument("--num-samples", type=int, default=1, help="samples to draw, one after the other (default 1)")
     generate.add_argument("--tokenizer", help="tokenizer.json or a directory holding one (default: the checkpoint's)")
-    generate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    generate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                          help="default auto: cuda when available")
     generate.set_defaults(func=cmd_generate)
 
     convert = commands.add_parser(
         "convert",
+        parents=[common],
         help="convert between gptkit checkpoints and Hugging Face directories",
         description="gptkit checkpoint -> Hugging Face (GPT2LMHeadModel / LlamaForCausalLM) directory, or back.",
     )
@@ -309,11 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="target format (default: the other one); --to gptkit on a sharded checkpoint of a multi-process "
         "run gathers its shards into one model.safetensors",
     )
-    convert.add_argument("--force", action="store_true", help="replace an existing destination")
+    convert.add_argument(
+        "--force", action="store_true",
+        help="replace an existing destination that holds only a model (never the source or other files)",
+    )
     convert.set_defaults(func=cmd_convert)
 
     plan = commands.add_parser(
         "plan",
+        parents=[common],
         help="estimate parameters, FLOPs, memory per GPU and time to train at scale",
         description="Plan a training run by arithmetic: parameters, training FLOPs, memory per GPU for "
         "weights, gradients, AdamW state and activations under a parallel strategy, whether it fits, "

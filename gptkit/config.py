@@ -34,6 +34,23 @@ def _choice(value: Any, name: str, allowed: tuple[Any, ...]) -> None:
     _require(value in allowed, name, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
+def _finite_numbers(config: Any, section: str) -> None:
+    """No field of a config may be inf or nan: such a value only shows up later as a nan loss."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{f.name}: must be a finite number; got {value}")
+
+
+# torch.Generator.manual_seed takes seeds up to 2**64 - 1; seeds are offset by ranks and samples.
+MAX_SEED = 2**63 - 1
+
+
+def _seed(value: int | None, name: str) -> None:
+    if value is not None:
+        _require(0 <= value <= MAX_SEED, name, f"must be in [0, 2**63 - 1]; got {value}")
+
+
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------
@@ -66,6 +83,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        _finite_numbers(self, "model")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
             _positive(getattr(self, name), f"model.{name}")
         _require(
@@ -130,6 +148,7 @@ class DataConfig:
     val_fraction: float = 0.1
 
     def __post_init__(self) -> None:
+        _finite_numbers(self, "data")
         _choice(self.tokenizer, "data.tokenizer", ("char", "bpe"))
         _require(self.vocab_size >= 257, "data.vocab_size", f"must be >= 257; got {self.vocab_size}")
         _require(
@@ -189,6 +208,8 @@ class TrainConfig:
     dist_timeout_s: float = 1800.0  # a collective that waits longer than this fails the run
 
     def __post_init__(self) -> None:
+        _finite_numbers(self, "train")
+        _seed(self.seed, "train.seed")
         for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_batches", "log_interval"):
             _positive(getattr(self, name), f"train.{name}")
         for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_interval", "checkpoint_interval"):
@@ -241,6 +262,8 @@ class SampleConfig:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _finite_numbers(self, "sample")
+        _seed(self.seed, "seed")
         _non_negative(self.max_new_tokens, "max_new_tokens")
         _non_negative(self.temperature, "temperature")
         if self.top_k is not None:
@@ -334,6 +357,8 @@ def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
     """Build a ModelConfig; the key ``preset`` starts from a named shape and the other keys override it."""
     from gptkit.model.presets import preset_values  # presets are data that lives beside the model
 
+    if not isinstance(values, dict):
+        raise ConfigError(f"model: must be a mapping of keys to values; got {values!r}")
     values = dict(values)
     preset = values.pop("preset", None)
     base = preset_values(preset) if preset is not None else {}
@@ -388,9 +413,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _is_text_field(section: str, key: str) -> bool:
+    """Whether ``section.key`` holds free text (a path, a name), where ``--data.source=2024`` means
+    the string "2024", not the number YAML would read."""
+    annotation = get_type_hints(_SECTIONS[section]).get(key)
+    return annotation is str or set(get_args(annotation)) == {str, type(None)}  # str or str | None
+
+
 def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """A copy of a recipe dict with ``--section.field=value`` overrides applied."""
+    """A copy of a recipe dict with ``--section.field=value`` overrides applied.
+
+    A ``--model.preset=...`` override outranks the recipe's own shape keys: the fields the preset
+    sets are dropped from the recipe's model section (other overrides still apply on top).
+    """
     values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    overridden: dict[str, set[str]] = {}
     for text in overrides:
         (section, key), value = parse_override(text)
         if section not in _SECTIONS:
@@ -398,7 +435,17 @@ def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple[str, ..
         current = values.setdefault(section, {})
         if not isinstance(current, dict):
             raise ConfigError(f"section '{section}' must be a mapping")
+        if value is not None and not isinstance(value, str) and _is_text_field(section, key):
+            value = text.split("=", 1)[1]
         current[key] = value
+        overridden.setdefault(section, set()).add(key)
+    model = values.get("model")
+    if "preset" in overridden.get("model", ()) and isinstance(model, dict) and model.get("preset") is not None:
+        from gptkit.model.presets import preset_values
+
+        for key in preset_values(model["preset"]):
+            if key not in overridden["model"]:
+                model.pop(key, None)
     return values
 
 

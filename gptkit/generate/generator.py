@@ -149,16 +149,21 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[in
     return ids
 
 
+def check_vocabularies(model: GPT, tokenizer: Tokenizer) -> None:
+    """RequestError unless every token of ``tokenizer`` has a row in ``model``'s embedding."""
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise RequestError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
+        )
+
+
 def stream_text(
     model: GPT, tokenizer: Tokenizer, prompt: str, sample: SampleConfig | None = None
 ) -> Iterator[str]:
     """Yield pieces of generated text as they become final. Its ``Completion`` is the return value
     of the generator (``StopIteration.value``); ``generate_text`` collects it for you."""
     sample = sample or SampleConfig()
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise RequestError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
-        )
+    check_vocabularies(model, tokenizer)
     ids = encode_prompt(tokenizer, prompt, model.config.block_size)
     generator = None
     if sample.seed is not None:

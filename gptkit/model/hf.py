@@ -410,15 +410,24 @@ def save_hf(
     model: GPT,
     out_dir: str | os.PathLike[str],
     tokenizer_json_path: str | os.PathLike[str] | None = None,
+    *,
+    eot_id: int | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face model directory (config.json + model.safetensors), atomically.
 
-    With ``tokenizer_json_path`` the tokenizer file is copied in as tokenizer.json. Returns the directory.
+    With ``tokenizer_json_path`` the tokenizer file is copied in as tokenizer.json. ``eot_id`` (the
+    tokenizer's ``<|endoftext|>``) becomes the BOS and EOS token id, as in GPT-2's own config, so
+    that ``generate`` in transformers stops at the end of a document. Returns the directory.
     """
     out = Path(out_dir)
     if tokenizer_json_path is not None and not Path(tokenizer_json_path).is_file():
         raise CheckpointError(f"tokenizer file not found: {tokenizer_json_path}")
     hf = to_hf(model)  # raises ConfigError before anything is written
+    if eot_id is not None:
+        if not 0 <= eot_id < model.config.vocab_size:
+            raise ConfigError(f"eot_id {eot_id} is not a token of the model (vocabulary {model.config.vocab_size})")
+        for config in (hf.config, hf.generation_config):
+            config.bos_token_id = config.eos_token_id = eot_id
     with atomic_directory(out) as tmp:
         hf.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer_json_path is not None:

@@ -37,6 +37,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def preset_values(name: str) -> dict[str, Any]:
     """The ModelConfig fields of a named preset; ConfigError lists the known names otherwise."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     return dict(PRESETS[name])

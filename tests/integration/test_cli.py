@@ -93,6 +93,40 @@ def test_convert_to_hugging_face_and_back(trained: Path, workdir: Path) -> None:
     assert a.stdout == b.stdout == c.stdout
     exists = gptkit("convert", "run", "hf-export", cwd=workdir, check=False)
     assert_one_line_error(exists, "hf-export exists", "--force")
+    # The tokenizer's <|endoftext|> is the export's BOS/EOS, so transformers' generate stops there.
+    from gptkit.api import load_tokenizer
+
+    eot = load_tokenizer(trained).eot_id
+    for name in ("config.json", "generation_config.json"):
+        exported = json.loads((workdir / "hf-export" / name).read_text())
+        assert exported["eos_token_id"] == exported["bos_token_id"] == eot
+    # --force never replaces the source run (or a folder holding it).
+    before = sorted(p.name for p in (trained / "checkpoint").iterdir())
+    assert_one_line_error(gptkit("convert", "run", "run", "--force", cwd=workdir, check=False),
+                          "is or contains the source")
+    assert sorted(p.name for p in (trained / "checkpoint").iterdir()) == before
+
+
+def test_generate_stop_escape_and_bad_options(trained: Path, workdir: Path, tmp_path: Path) -> None:
+    # "\n" typed in the shell stops at the first newline (the corpus has one per line).
+    result = gptkit("generate", "run", "--prompt", "ROMEO", "--max-new-tokens", "200", "--seed", "1",
+                    "--stop", "\\n", cwd=workdir)
+    assert result.stdout.count("\n") == 1 and result.stdout.endswith("\n")  # the line break after the sample
+    assert_one_line_error(gptkit("generate", "run", "--seed", str(10**23), cwd=workdir, check=False),
+                          "seed: must be in [0, 2**63 - 1]")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert_one_line_error(gptkit("generate", "run", "--device", "cuda", cwd=workdir, check=False),
+                              "--device cuda: this machine has no CUDA device")
+    # A tokenizer larger than the model's vocabulary fails before the prompt is printed.
+    from gptkit.tokenizer.bpe import train_bpe_tokenizer
+
+    train_bpe_tokenizer([TEXT], 300, min_frequency=1).save(tmp_path / "bpe.json")
+    mismatch = gptkit("generate", "run", "--prompt", "hi", "--tokenizer", str(tmp_path / "bpe.json"),
+                      cwd=workdir, check=False)
+    assert_one_line_error(mismatch, "tokenizer has", "but the model only")
+    assert mismatch.stdout == ""
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -40,6 +40,14 @@ def test_every_bundled_recipe_loads() -> None:
         (["--data.tokenizer=wordpiece"], "data.tokenizer: must be one of char, bpe"),
         (["--model.bias=maybe"], "model.bias: must be true or false"),
         (["--train.max_steps"], "must look like --section.field=value"),
+        (["--train.lr=.inf"], "train.lr: must be a finite number; got inf"),
+        (["--train.beta1=.nan"], "train.beta1: must be a finite number; got nan"),
+        (["--data.val_fraction=-.inf"], "data.val_fraction: must be a finite number"),
+        (["--sample.temperature=.inf"], "sample.temperature: must be a finite number"),
+        (["--train.seed=99999999999999999999999"], "train.seed: must be in [0, 2**63 - 1]"),
+        (["--sample.seed=-1"], "seed: must be in [0, 2**63 - 1]; got -1"),
+        (["--model.preset=[1, 2]"], "model.preset: unknown preset [1, 2]; known presets: gpt2"),
+        (["--model=[1, 2]"], "the key must be section.field"),
     ],
 )
 def test_bad_values_name_the_field_and_the_allowed_range(overrides: list[str], message: str) -> None:
@@ -66,3 +74,32 @@ def test_override_values_are_yaml() -> None:
     assert parse_override("--model.bias=false") == (["model", "bias"], False)
     assert parse_override("--train.lr=0.001") == (["train", "lr"], 0.001)
     assert parse_override("--data.source=a=b.txt") == (["data", "source"], "a=b.txt")
+
+
+def test_a_section_that_is_not_a_mapping_is_one_line_error(tmp_path: Path) -> None:
+    for section in ("model", "train", "data"):
+        recipe = tmp_path / f"{section}.yaml"
+        recipe.write_text(f"{section}: [1, 2]\n")
+        with pytest.raises(ConfigError, match=f"^{section}: must be a mapping of keys to values; got \\[1, 2\\]$"):
+            load_run_config(recipe)
+
+
+def test_preset_override_outranks_the_recipe_shape(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  n_layer: 4\n  n_head: 4\n  d_model: 128\n  block_size: 64\ntrain:\n  max_steps: 9\n")
+    config = load_run_config(recipe, ["--model.preset=gpt2"])
+    assert (config.model.n_layer, config.model.n_head, config.model.d_model) == (12, 12, 768)
+    assert config.model.block_size == 1024 and config.train.max_steps == 9
+    # Other overrides still apply on top of the preset, whatever their order.
+    config = load_run_config(recipe, ["--model.n_layer=2", "--model.preset=gpt2"])
+    assert (config.model.n_layer, config.model.d_model) == (2, 768)
+    # A preset written in the recipe itself is the base its own keys override.
+    recipe.write_text("model:\n  preset: gpt2\n  n_layer: 3\n")
+    assert load_run_config(recipe).model.n_layer == 3
+
+
+def test_text_fields_take_the_override_as_written() -> None:
+    config = load_run_config(None, ["--data.source=2024", "--data.dir=007", "--train.out_dir=true"])
+    assert (config.data.source, config.data.dir, config.train.out_dir) == ("2024", "007", "true")
+    # Typed fields still parse the value.
+    assert load_run_config(None, ["--train.max_steps=2024"]).train.max_steps == 2024

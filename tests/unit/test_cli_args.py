@@ -1,0 +1,87 @@
+"""The command line's own parts, in process: argument errors, escapes, recipe and destination checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gptkit.cli import _check_convert_destination, _check_recipe_path, _unescape, build_parser, main
+from gptkit.errors import ConfigError
+
+
+def test_usage_mistakes_are_one_line_naming_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "run", "--stop"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: argument --stop: expected one argument (see `gptkit generate --help`)\n"
+
+
+def test_verbose_works_before_and_after_the_command() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["-v", "plan"]).verbose is True
+    assert parser.parse_args(["plan", "-v"]).verbose is True
+    assert parser.parse_args(["plan"]).verbose is False
+
+
+def test_train_help_lists_the_recipe_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "train.{out_dir, max_steps," in out and "data.{source, dir, tokenizer" in out and "model.{vocab_size" in out
+
+
+@pytest.mark.parametrize(
+    "typed, meant",
+    [(r"\n\n", "\n\n"), (r"a\tb", "a\tb"), (r"\r\n", "\r\n"), (r"\\n", "\\n"), (r"c:\path", "c:\\path"), ("x", "x")],
+)
+def test_stop_strings_read_shell_escapes(typed: str, meant: str) -> None:
+    assert _unescape(typed) == meant
+
+
+def test_a_corpus_given_as_the_recipe_says_how_to_pass_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"hamlet.txt looks like a corpus, not a YAML recipe: pass it as --data.source=hamlet.txt"):
+        _check_recipe_path("hamlet.txt")
+    _check_recipe_path("configs/shakespeare-char.yaml")  # recipes pass, existing or not
+    _check_recipe_path(None)
+
+
+def make_model_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(b"x")
+    return path
+
+
+def test_convert_never_replaces_the_source_or_what_holds_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    checkpoint = make_model_dir(run / "checkpoint")
+    monkeypatch.chdir(tmp_path)
+    for destination in (run, checkpoint, tmp_path, Path(".")):
+        with pytest.raises(ConfigError, match="is or contains the (source|current directory)"):
+            _check_convert_destination(Path("run"), checkpoint, destination, force=True)
+    with pytest.raises(ConfigError, match="is or contains the current directory"):
+        _check_convert_destination(Path("/elsewhere/run"), Path("/elsewhere/run/checkpoint"), tmp_path.parent,
+                                   force=True)
+
+
+def test_convert_force_replaces_only_a_model_directory(tmp_path: Path) -> None:
+    source = make_model_dir(tmp_path / "src")
+    previous = make_model_dir(tmp_path / "hf")
+    (previous / "tokenizer.json").write_text("{}")
+    (previous / "generation_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="hf exists; pass --force to replace it"):
+        _check_convert_destination(source, source, previous, force=False)
+    _check_convert_destination(source, source, previous, force=True)  # an earlier export: fine
+    (tmp_path / "empty").mkdir()
+    _check_convert_destination(source, source, tmp_path / "empty", force=False)  # nothing to lose
+    _check_convert_destination(source, source, tmp_path / "new", force=False)
+    work = make_model_dir(tmp_path / "work")
+    (work / "notes.txt").write_text("mine")
+    (work / "data").mkdir()
+    with pytest.raises(ConfigError, match=r"holds more than a model \(data, notes.txt\)"):
+        _check_convert_destination(source, source, work, force=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not a directory"):
+        _check_convert_destination(source, source, tmp_path / "file", force=True)

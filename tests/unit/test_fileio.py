@@ -1,0 +1,65 @@
+"""Atomic writes: complete files or none, with the permissions a plain open() would give."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from gptkit.fileio import atomic_directory, atomic_path, atomic_write_json, atomic_write_text
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_written_files_are_readable_by_others_as_with_open(tmp_path: Path, umask_022) -> None:
+    atomic_write_text(tmp_path / "a.txt", "x")
+    atomic_write_json(tmp_path / "sub" / "b.json", {"k": 1})
+    with open(tmp_path / "plain.txt", "w") as f:
+        f.write("x")
+    assert mode(tmp_path / "a.txt") == mode(tmp_path / "plain.txt") == 0o644
+    assert mode(tmp_path / "sub" / "b.json") == 0o644
+
+
+def test_umask_is_respected(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        atomic_write_text(tmp_path / "private.txt", "x")
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "private.txt") == 0o600
+
+
+def test_caller_chmod_inside_the_block_wins(tmp_path: Path, umask_022) -> None:
+    with atomic_path(tmp_path / "tool") as tmp:
+        tmp.write_text("#!/bin/sh\n")
+        tmp.chmod(0o755)
+    assert mode(tmp_path / "tool") == 0o755
+
+
+def test_directory_gets_usual_permissions(tmp_path: Path, umask_022) -> None:
+    with atomic_directory(tmp_path / "d") as tmp:
+        (tmp / "f").write_text("x")
+    assert mode(tmp_path / "d") == 0o755
+
+
+def test_failure_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "t.txt"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]
