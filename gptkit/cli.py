@@ -113,7 +113,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     config = load_run_config(args.config, overrides)
     if args.resume:
         config = resume_run_config(config, overrides)
-    trainer = start_run(config, resume=args.resume, progress=not args.quiet)
+    trainer = start_run(config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     bar = tqdm(
         total=config.train.max_steps,
         initial=trainer.step,
@@ -144,6 +144,12 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     del trainer  # its model and optimizer hold the process group's buffers; free them first
     shutdown_distributed()
     if not is_main:
+        return 0
+    if summary.steps_trained == 0 or summary.final_loss is None:
+        print(
+            f"nothing to train: the run is already at step {summary.steps} (train.max_steps or train.max_seconds "
+            f"reached); checkpoint in {Path(config.train.out_dir) / 'checkpoint'}"
+        )
         return 0
     val = f"{summary.final_val_loss:.4f}" if summary.final_val_loss is not None else "n/a"
     print(
@@ -361,7 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
         "shape; other model keys override it.\n\n" + _fields_help("model", "data", "train"),
     )
     train.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/shakespeare-char.yaml")
-    train.add_argument("--resume", action="store_true", help="continue exactly from train.out_dir/checkpoint")
+    modes = train.add_mutually_exclusive_group()
+    modes.add_argument("--resume", action="store_true", help="continue exactly from train.out_dir/checkpoint")
+    modes.add_argument(
+        "--overwrite", action="store_true",
+        help="start over in a train.out_dir that holds a checkpoint (replaced at the first save; metrics.jsonl "
+        "restarts)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 

@@ -29,3 +29,7 @@ class TokenizerError(GptkitError):
 
 class RequestError(GptkitError):
     """A generation request is invalid (for example a prompt longer than the context)."""
+
+
+class TrainingError(GptkitError):
+    """Training cannot go on (for example the loss or the gradients became inf/nan)."""

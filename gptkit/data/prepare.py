@@ -5,7 +5,8 @@ Layout of a prepared directory::
     tokenizer.json          the tokenizer trained on the whole corpus
     train_00000.bin ...     raw little-endian token ids (uint16, or uint32 for vocabularies > 65535)
     val_00000.bin ...
-    meta.json               what is in the shards (see ``prepare_dataset``)
+    meta.json               what is in the shards and what they were prepared from (see
+                            ``prepare_dataset``)
 
 The directory is written through :func:`~gptkit.fileio.atomic_directory`: it appears complete or
 not at all, and a failed run leaves an earlier data set in its place untouched.
@@ -14,18 +15,32 @@ not at all, and a failed run leaves an earlier data set in its place untouched.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 from tqdm import tqdm
 
-from gptkit.data.sources import corpus_fingerprint, load_documents
+from gptkit.data.sources import corpus_fingerprint, is_jsonl_corpus, load_documents, resolve_source
 from gptkit.errors import ConfigError, DataError
 from gptkit.fileio import atomic_directory, atomic_write_json
 
-__all__ = ["META_FORMAT", "META_VERSION", "SPLITS", "load_meta", "prepare_dataset", "token_dtype"]
+__all__ = [
+    "META_FORMAT",
+    "META_VERSION",
+    "SPLITS",
+    "check_prepared_from",
+    "load_meta",
+    "prepare_dataset",
+    "token_dtype",
+    "whole_document_val",
+]
+
+logger = logging.getLogger(__name__)
 
 META_FORMAT = "gptkit-tokens"
 META_VERSION = 1
@@ -115,6 +130,18 @@ def _check_out_dir(out: Path) -> None:
             )
 
 
+def whole_document_val(n_docs: int, val_fraction: float) -> list[bool]:
+    """Which of ``n_docs`` documents go to val when whole documents are split: document ``i``
+    (0-based) does iff ``floor((i + 1) * f) > floor(i * f)``.
+
+    That holds out exactly ``floor(n_docs * f)`` documents spread evenly over the corpus (with
+    ``f = 0.1`` documents 9, 19, 29, ...). ``f`` is taken as the decimal ``val_fraction`` is written
+    as (0.1 is exactly 1/10), so no rounding error moves a document across the boundary.
+    """
+    f = Fraction(repr(float(val_fraction)))
+    return [math.floor((i + 1) * f) > math.floor(i * f) for i in range(n_docs)]
+
+
 def prepare_dataset(
     source: str,
     out_dir: str | os.PathLike[str],
@@ -127,10 +154,20 @@ def prepare_dataset(
 ) -> dict[str, Any]:
     """Tokenize the corpus ``source`` into ``out_dir`` and return the metadata written to meta.json.
 
-    Every document is encoded and followed by the EOT token. The split is deterministic and per
-    document: the first ``n - floor(n * val_fraction)`` of a document's ``n`` tokens (EOT included)
-    go to train, the rest to val, so val samples every part of the corpus rather than only its end.
-    A document too short to give val a single token goes wholly to train.
+    Every document is encoded and ends with the EOT token, in train as in val, so the model learns
+    where a document ends and that a new one starts after EOT. The split is deterministic; its
+    mode is recorded in meta.json as ``"split"``:
+
+    - ``"cut-per-document"`` (the built-in corpus, a ``.txt`` file, a folder of them): the first
+      ``n - floor(n * val_fraction)`` of a document's ``n`` tokens go to train and the rest to val,
+      each part followed by EOT, so val samples every part of the corpus rather than only its end.
+      A document too short to give val a single token goes wholly to train.
+    - ``"whole-documents"`` (a ``.jsonl`` file, whose records are usually many short documents):
+      each document goes wholly to train or to val, evenly spread (see :func:`whole_document_val`).
+      A ``.jsonl`` file with too few documents to hold out one (fewer than ``1 / val_fraction``)
+      is cut per document instead.
+
+    Empty documents (no text at all) are skipped: they would only add a lone EOT.
 
     ``vocab_size`` applies to ``tokenizer="bpe"``; a char tokenizer's vocabulary is the set of
     characters in the corpus. Raises DataError for a bad or too small corpus, ConfigError for
@@ -144,6 +181,16 @@ def prepare_dataset(
     _check_out_dir(out)
 
     docs = load_documents(source)
+    split_mode, to_val = "cut-per-document", []
+    if is_jsonl_corpus(source):
+        to_val = whole_document_val(sum(1 for doc in docs if doc.text), val_fraction)
+        if any(to_val):
+            split_mode = "whole-documents"
+        else:
+            logger.info(
+                "%s has %d documents, too few to hold out whole ones at val_fraction=%s; "
+                "cutting each document instead", source, len(to_val), val_fraction,
+            )  # fmt: skip
     texts = (doc.text for doc in docs)
     if tokenizer == "char":
         tok = train_char_tokenizer(texts)
@@ -156,11 +203,19 @@ def prepare_dataset(
     with atomic_directory(out) as tmp:
         writers = {split: _ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
         try:
+            index = 0  # of the document among the non-empty ones
             for doc in tqdm(docs, desc="tokenizing", unit="doc", disable=not progress):
-                ids = np.concatenate([np.asarray(tok.encode_array(doc.text), np.int64), eot])
-                n_val = int(len(ids) * val_fraction)
-                writers["train"].write(ids[: len(ids) - n_val])
-                writers["val"].write(ids[len(ids) - n_val :])
+                if not doc.text:
+                    continue
+                ids = np.asarray(tok.encode_array(doc.text), np.int64)
+                if split_mode == "whole-documents":
+                    writers["val" if to_val[index] else "train"].write(np.concatenate([ids, eot]))
+                else:
+                    cut = len(ids) - int(len(ids) * val_fraction)
+                    writers["train"].write(np.concatenate([ids[:cut], eot]))
+                    if cut < len(ids):
+                        writers["val"].write(np.concatenate([ids[cut:], eot]))
+                index += 1
         finally:
             for writer in writers.values():
                 writer.close()
@@ -176,7 +231,12 @@ def prepare_dataset(
             "format": META_FORMAT,
             "version": META_VERSION,
             "source": str(source),
+            # What the tokens were prepared from, so `gptkit train` can refuse a stale data.dir.
+            "source_path": resolve_source(source),
             "tokenizer": tok.kind,
+            "requested_vocab_size": vocab_size if tokenizer == "bpe" else None,
+            "val_fraction": val_fraction,
+            "split": split_mode,
             "vocab_size": tok.vocab_size,
             "dtype": dtype_name,
             "eot_id": tok.eot_id,
@@ -189,6 +249,70 @@ def prepare_dataset(
         }
         atomic_write_json(tmp / "meta.json", meta)
     return meta
+
+
+def _describe(source: str, tokenizer: Any, vocab_size: Any, val_fraction: Any) -> str:
+    text = f"{source} with the {tokenizer} tokenizer"
+    if tokenizer == "bpe" and vocab_size is not None:
+        text += f" (vocab {vocab_size})"
+    if val_fraction is not None:
+        text += f", val_fraction {val_fraction}"
+    return text
+
+
+def _shown_path(source_path: str) -> str:
+    """``source_path`` relative to the working directory when it lies below it (shorter to read)."""
+    try:
+        return Path(source_path).relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return source_path
+
+
+def check_prepared_from(
+    meta: dict[str, Any],
+    data_dir: str | os.PathLike[str],
+    *,
+    source: str,
+    tokenizer: str,
+    vocab_size: int,
+    val_fraction: float,
+) -> None:
+    """DataError unless ``data_dir`` (whose meta.json is ``meta``) was prepared from these settings.
+
+    The source compares by :func:`~gptkit.data.sources.resolve_source`, ``vocab_size`` only for the
+    BPE tokenizer (a char vocabulary is whatever the corpus holds). A field that an older meta.json
+    does not record is unknown and not compared; such a data set is used with a warning.
+    """
+    source_now = resolve_source(source)
+    source_then = meta.get("source_path")
+    tokenizer_then = meta.get("tokenizer")
+    vocab_then = meta.get("requested_vocab_size")
+    val_then = meta.get("val_fraction")
+    differs = {
+        "source": source_then is not None and source_then != source_now,
+        "tokenizer": tokenizer_then is not None and tokenizer_then != tokenizer,
+        "vocab": tokenizer == tokenizer_then == "bpe"
+        and "requested_vocab_size" in meta
+        and vocab_then != vocab_size,
+        "val_fraction": val_then is not None and float(val_then) != float(val_fraction),
+    }
+    if any(differs.values()):
+        shown_then = _shown_path(source_then) if differs["source"] else source
+        shown_now = _shown_path(source_now) if differs["source"] else source
+        show_val = differs["val_fraction"]
+        then = _describe(shown_then, tokenizer_then, vocab_then, val_then if show_val else None)
+        now = _describe(shown_now, tokenizer, vocab_size, val_fraction if show_val else None)
+        raise DataError(
+            f"data.dir {data_dir} was prepared from {then}; this run asks for {now}: "
+            f"use another data.dir or delete {data_dir}"
+        )
+    if "split" not in meta:
+        logger.warning(
+            "data.dir %s was prepared by an older gptkit: its meta.json does not record all it was "
+            "prepared from, and its train split holds no end-of-text tokens; run `gptkit prepare` "
+            "again to rebuild it",
+            data_dir,
+        )
 
 
 def load_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:

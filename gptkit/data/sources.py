@@ -31,7 +31,9 @@ __all__ = [
     "cache_dir",
     "corpus_fingerprint",
     "fetch_shakespeare",
+    "is_jsonl_corpus",
     "load_documents",
+    "resolve_source",
 ]
 
 
@@ -265,6 +267,26 @@ def load_documents(source: str | os.PathLike[str]) -> list[Document]:
     if not any(doc.text.strip() for doc in docs):
         raise DataError(f"corpus {source} is empty (no non-whitespace text)")
     return docs
+
+
+def resolve_source(source: str | os.PathLike[str]) -> str:
+    """The identity of a corpus, for telling whether two runs name the same one.
+
+    ``"shakespeare"`` stays the built-in corpus's name; a local file or folder becomes its
+    absolute path (``~`` expanded, symlinks resolved), so ``corpus.txt`` and
+    ``/home/me/corpus.txt`` are equal.
+    """
+    if str(source) == "shakespeare":
+        return "shakespeare"
+    return str(Path(source).expanduser().resolve())
+
+
+def is_jsonl_corpus(source: str | os.PathLike[str]) -> bool:
+    """True if :func:`load_documents` reads ``source`` as ``.jsonl`` (one document per record)."""
+    if str(source) == "shakespeare":
+        return False
+    path = Path(source).expanduser()
+    return path.suffix.lower() == ".jsonl" and not path.is_dir()
 
 
 def corpus_fingerprint(docs: Iterable[Document]) -> tuple[int, str]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -47,18 +48,25 @@ from gptkit.checkpoint import (
     MODEL_PREFIX,
     SHARDED_DIR,
     TOKENIZER_FILE,
+    WEIGHTS_FILE,
     check_sharded_shapes,
     convert_row_order,
+    has_sharded_state,
     load_sharded,
     write_model_files,
 )
 from gptkit.config import to_dict
-from gptkit.errors import CheckpointError
+from gptkit.errors import CheckpointError, ConfigError
 from gptkit.fileio import atomic_directory, atomic_write_json, publish_directory
 from gptkit.model.gpt import GPT
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
+# Why a resume finds no optimizer / trainer state, most often.
+WEIGHTS_ONLY_HINT = (
+    "a weights-only checkpoint, such as `gptkit convert` writes, holds no optimizer state or data position to "
+    "continue from"
+)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -130,23 +138,145 @@ def save_training_checkpoint(
         )
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_resumable(directory: Path) -> None:
+    """Raise a one-line CheckpointError naming every file a resume from ``directory`` needs and
+    does not find; cheap (no file is read), so a run can check before preparing data."""
+    if (directory / SHARDED_DIR).is_dir() and not has_sharded_state(directory):
+        raise CheckpointError(
+            f"cannot resume {directory}: {SHARDED_DIR}/.metadata is missing (an interrupted save?)"
+        )
+    needed = [CONFIG_FILE, TRAINER_STATE_FILE] if has_sharded_state(directory) else [
+        CONFIG_FILE, WEIGHTS_FILE, TRAINER_STATE_FILE, OPTIMIZER_FILE
+    ]
+    missing = [name for name in needed if not (directory / name).is_file()]
+    if not missing:
+        return
+    verb = "is" if len(missing) == 1 else "are"
+    hint = f" ({WEIGHTS_ONLY_HINT})" if set(missing) <= {TRAINER_STATE_FILE, OPTIMIZER_FILE} else ""
+    raise CheckpointError(f"cannot resume {directory}: {' and '.join(missing)} {verb} missing{hint}")
+
+
+def read_trainer_state(directory: Path, *, optimizer: bool = True) -> dict[str, Any]:
+    """``trainer_state.json`` of ``directory``, checked for the entries a resume reads ("step",
+    "data", "rng", and "optimizer" unless ``optimizer`` is False); one-line CheckpointErrors."""
+    path = directory / TRAINER_STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"cannot resume {directory}: {TRAINER_STATE_FILE} is missing ({WEIGHTS_ONLY_HINT})"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"cannot resume {directory}: {TRAINER_STATE_FILE} is corrupt ({_first_line(exc)})"
+        ) from None
+    problem = None
+    if not isinstance(state, dict):
+        problem = "not a JSON object"
+    elif type(state.get("step")) is not int or state["step"] < 0:
+        problem = f"\"step\" must be a non-negative integer, got {state.get('step')!r}"
+    elif not isinstance(state.get("data"), dict):
+        problem = "no \"data\" position"
+    elif not isinstance(state.get("rng"), dict) or not isinstance(state["rng"].get("torch"), str):
+        problem = "no \"rng\" state"
+    elif optimizer and not isinstance(state.get("optimizer"), dict):
+        problem = "no \"optimizer\" entry"
+    if problem is not None:
+        raise CheckpointError(f"cannot resume {directory}: {TRAINER_STATE_FILE} is corrupt ({problem})")
+    return state
+
+
+def _read_tensors(directory: Path, name: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of a checkpoint, or a one-line CheckpointError naming it."""
+    path = directory / name
+    if not path.is_file():
+        hint = f" ({WEIGHTS_ONLY_HINT})" if name == OPTIMIZER_FILE else ""
+        raise CheckpointError(f"cannot resume {directory}: {name} is missing{hint}")
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise CheckpointError(f"cannot resume {directory}: {name} is corrupt ({_first_line(exc)})") from None
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(_decode_rng(state["rng"]["torch"]))
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_decode_rng(s) for s in state["rng"]["cuda"]])
+
+
+def recorded_step(directory: Path) -> int | None:
+    """The step a checkpoint directory says it is at (trainer_state.json, else config.json), or
+    None when neither can be read; for messages, never raises."""
+    for name in (TRAINER_STATE_FILE, CONFIG_FILE):
+        try:
+            step = json.loads((directory / name).read_text(encoding="utf-8")).get("step")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            continue
+        if type(step) is int:
+            return step
+    return None
+
+
+def check_run_directory(out_dir: str | Path, *, resume: bool, overwrite: bool) -> int | None:
+    """Refuse, before any data preparation or training, a ``train.out_dir`` a run cannot use.
+
+    A path that is (or lies inside) a file, or cannot be written, is a ConfigError. Without
+    ``resume`` a checkpoint already there is a ConfigError unless ``overwrite`` (it is then
+    replaced at the first save); with ``resume`` the checkpoint must be there and complete
+    (CheckpointError naming each missing file). Returns the step of the checkpoint found, if any.
+    """
+    out = Path(out_dir)
+    if resume and overwrite:
+        raise ConfigError(
+            "--resume and --overwrite contradict each other: resume continues the checkpoint in "
+            f"train.out_dir {out}, overwrite starts over in it; pass one of them"
+        )
+    for path in (out, *out.parents):
+        if not (path.exists() or path.is_symlink()):
+            continue
+        if not path.is_dir():
+            where = "is a file" if path == out else f"lies inside {path}, which is a file"
+            raise ConfigError(f"train.out_dir {out} {where}, not a directory; give a directory for the run")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"train.out_dir {out}: cannot write in {path} (permission denied)")
+        break
+    if (out / "metrics.jsonl").is_dir():
+        raise ConfigError(f"train.out_dir {out}: {out / 'metrics.jsonl'} is a directory, not a file; remove it")
+    checkpoint = out / "checkpoint"
+    exists = checkpoint.exists() or checkpoint.is_symlink()
+    if resume:
+        if not checkpoint.is_dir():
+            raise CheckpointError(f"nothing to resume: no checkpoint at {checkpoint}")
+        check_resumable(checkpoint)
+        return read_trainer_state(checkpoint, optimizer=not has_sharded_state(checkpoint))["step"]
+    if not exists:
+        return None
+    step = recorded_step(checkpoint)
+    at = f" (step {step})" if step is not None else ""
+    if not overwrite:
+        raise ConfigError(
+            f"train.out_dir {out} already holds a checkpoint{at}; "
+            "pass --resume to continue it or --overwrite to start over"
+        )
+    return step
+
+
 def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore optimizer and RNG states from ``directory``; return the trainer state dict."""
-    state_path = directory / TRAINER_STATE_FILE
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / OPTIMIZER_FILE))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"cannot resume from {directory}: missing {Path(exc.filename).name}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as exc:
-        raise CheckpointError(f"cannot resume from {directory}: corrupt training state ({exc})") from None
+    state = read_trainer_state(directory)
+    tensors = _read_tensors(directory, OPTIMIZER_FILE)
     try:
         optimizer.load_state_dict(_optimizer_state_dict(tensors, state["optimizer"]))
-        torch.set_rng_state(_decode_rng(state["rng"]["torch"]))
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([_decode_rng(s) for s in state["rng"]["cuda"]])
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot resume from {directory}: training state does not fit this run ({exc})") from None
+        _restore_rng(state)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"cannot resume {directory}: training state does not fit this run ({_first_line(exc)})"
+        ) from None
     return state
 
 
@@ -251,12 +381,7 @@ def load_sharded_training_state(directory: Path, model: GPT, optimizer: torch.op
     processes, one without a process group included) and restore RNG; return the trainer state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-    try:
-        state = json.loads((directory / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"cannot resume from {directory}: missing {TRAINER_STATE_FILE}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot resume from {directory}: corrupt training state ({exc})") from None
+    state = read_trainer_state(directory, optimizer=False)
     shard_dir = directory / SHARDED_DIR
     saved_tp, here_tp = int((state.get("sharded") or {}).get("tp_row_order", 1)), tp_row_order(model)
     reorder = saved_tp != here_tp
@@ -280,12 +405,11 @@ def load_sharded_training_state(directory: Path, model: GPT, optimizer: torch.op
         set_state_dict(
             model, optimizer, model_state_dict=everything["model"], optim_state_dict=everything["optim"], options=options
         )
-        torch.set_rng_state(_decode_rng(state["rng"]["torch"]))
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([_decode_rng(s) for s in state["rng"]["cuda"]])
-    except (KeyError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot resume from {directory}: training state does not fit this run ({first})") from None
+        _restore_rng(state)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"cannot resume {directory}: training state does not fit this run ({_first_line(exc)})"
+        ) from None
     return state
 
 
@@ -295,17 +419,9 @@ def load_full_training_state_sharded(directory: Path, model: GPT, optimizer: tor
     full tensors and ``set_state_dict`` keeps its own shard. Returns the trainer state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    from gptkit.checkpoint import WEIGHTS_FILE
-
-    state_path = directory / TRAINER_STATE_FILE
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-        weights = load_file(str(directory / WEIGHTS_FILE))
-        tensors = load_file(str(directory / OPTIMIZER_FILE))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"cannot resume from {directory}: missing {Path(exc.filename).name}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as exc:
-        raise CheckpointError(f"cannot resume from {directory}: corrupt training state ({exc})") from None
+    state = read_trainer_state(directory)
+    weights = _read_tensors(directory, WEIGHTS_FILE)
+    tensors = _read_tensors(directory, OPTIMIZER_FILE)
     if model.config.tie_embeddings and "lm_head.weight" not in weights and "token_embedding.weight" in weights:
         weights["lm_head.weight"] = weights["token_embedding.weight"]
     expected = model.state_dict()
@@ -322,11 +438,11 @@ def load_full_training_state_sharded(directory: Path, model: GPT, optimizer: tor
     # The single-process optimizer state is keyed by parameter index (order of param_groups);
     # set_state_dict wants parameter names. Same recipe, same groups, same order.
     names = {id(p): name for name, p in model.named_parameters()}
-    ordered = state["optimizer"].get("param_names") or [
-        names[id(p)] for group in optimizer.param_groups for p in group["params"]  # older checkpoints
-    ]
-    by_index = _optimizer_state_dict(tensors, state["optimizer"])
     try:
+        ordered = state["optimizer"].get("param_names") or [
+            names[id(p)] for group in optimizer.param_groups for p in group["params"]  # older checkpoints
+        ]
+        by_index = _optimizer_state_dict(tensors, state["optimizer"])
         optim_state = {
             "state": {ordered[int(i)]: values for i, values in by_index["state"].items()},
             # This run's grouping (split by device mesh) and hyper-parameters; see above.
@@ -344,7 +460,8 @@ def load_full_training_state_sharded(directory: Path, model: GPT, optimizer: tor
             options=StateDictOptions(full_state_dict=True),
         )
         torch.set_rng_state(_decode_rng(state["rng"]["torch"]))
-    except (KeyError, IndexError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot resume from {directory}: training state does not fit this run ({first})") from None
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"cannot resume {directory}: training state does not fit this run ({_first_line(exc)})"
+        ) from None
     return state

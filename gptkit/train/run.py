@@ -34,7 +34,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def ensure_prepared(config: RunConfig, *, progress: bool = False) -> dict:
-    """Load the prepared data's metadata, preparing it first when the directory has none."""
+    """Load the prepared data's metadata, preparing it first when the directory has none.
+
+    Data prepared earlier must match ``config.data`` (source, tokenizer, BPE vocab_size,
+    val_fraction): a mismatch is a DataError rather than a run on stale tokens whose checkpoint
+    would record settings it was not trained with.
+    """
+    from gptkit.data.prepare import check_prepared_from
+
     data_dir = Path(config.data.dir)
     if not (data_dir / "meta.json").exists():
         logger.info("preparing %s into %s (%s tokenizer)", config.data.source, data_dir, config.data.tokenizer)
@@ -46,7 +53,16 @@ def ensure_prepared(config: RunConfig, *, progress: bool = False) -> dict:
             val_fraction=config.data.val_fraction,
             progress=progress,
         )
-    return load_meta(data_dir)
+    meta = load_meta(data_dir)
+    check_prepared_from(
+        meta,
+        config.data.dir,
+        source=config.data.source,
+        tokenizer=config.data.tokenizer,
+        vocab_size=config.data.vocab_size,
+        val_fraction=config.data.val_fraction,
+    )
+    return meta
 
 
 def resume_run_config(config: RunConfig, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -122,8 +138,26 @@ def build_trainer(config: RunConfig, *, progress: bool = False) -> Trainer:
     )
 
 
-def start_run(config: RunConfig, *, resume: bool = False, progress: bool = False) -> Trainer:
-    """A trainer ready to ``fit``; with ``resume`` it continues from ``<out_dir>/checkpoint``."""
+def start_run(
+    config: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = False
+) -> Trainer:
+    """A trainer ready to ``fit``; with ``resume`` it continues from ``<out_dir>/checkpoint``.
+
+    Without ``resume``, a checkpoint already in train.out_dir is a ConfigError unless
+    ``overwrite``: the new run then writes a fresh metrics.jsonl and replaces the old checkpoint
+    at its first save. ``resume`` and ``overwrite`` together are a ConfigError.
+    """
+    from gptkit.train.checkpointing import check_run_directory
+
+    # Before data preparation and model building: a bad out_dir fails in a second, not after a run.
+    found_step = check_run_directory(config.train.out_dir, resume=resume, overwrite=overwrite)
+    if resume and found_step is not None and found_step > config.train.max_steps:
+        raise ConfigError(
+            f"train.max_steps {config.train.max_steps} is below the checkpoint's step {found_step}; "
+            "give a larger train.max_steps to continue"
+        )
+    if overwrite and found_step is not None:
+        logger.warning("train.out_dir %s: replacing the run at step %d (--overwrite)", config.train.out_dir, found_step)
     trainer = build_trainer(config, progress=progress)
     if resume:
         checkpoint_dir = trainer.checkpoint_dir
@@ -140,8 +174,17 @@ def start_run(config: RunConfig, *, resume: bool = False, progress: bool = False
             ]
             raise CheckpointError(f"cannot resume {checkpoint_dir}: the model config changed ({'; '.join(diffs)})")
         trainer.resume(checkpoint_dir)
-        if trainer.step >= config.train.max_steps:
-            logger.info("checkpoint is already at step %d = train.max_steps; nothing to do", trainer.step)
+        if trainer.step > config.train.max_steps:
+            raise ConfigError(
+                f"train.max_steps {config.train.max_steps} is below the checkpoint's step {trainer.step}; "
+                "give a larger train.max_steps to continue"
+            )
+        if trainer.step == config.train.max_steps:
+            logger.info(
+                "checkpoint is already at step %d = train.max_steps; nothing to train "
+                "(give a larger train.max_steps to continue)",
+                trainer.step,
+            )
     return trainer
 
 
@@ -149,8 +192,10 @@ def run_training(
     config: RunConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     on_step: Callable[[StepMetrics], None] | None = None,
     progress: bool = False,
 ) -> TrainSummary:
-    """Train ``config`` to train.max_steps; with ``resume`` continue exactly from its checkpoint."""
-    return start_run(config, resume=resume, progress=progress).fit(on_step=on_step)
+    """Train ``config`` to train.max_steps; with ``resume`` continue exactly from its checkpoint,
+    with ``overwrite`` start over in a train.out_dir that holds one (see :func:`start_run`)."""
+    return start_run(config, resume=resume, overwrite=overwrite, progress=progress).fit(on_step=on_step)

@@ -27,6 +27,7 @@ from gptkit.config import SHARDED_STRATEGIES, TrainConfig
 from gptkit.distributed.parallelize import clip_grad_norm, parallelize
 from gptkit.distributed.precision import PrecisionPolicy
 from gptkit.distributed.setup import barrier, mean_over_ranks
+from gptkit.errors import CheckpointError, GptkitError, TrainingError
 from gptkit.fileio import atomic_write_text
 from gptkit.train.checkpointing import (
     _decode_rng,
@@ -74,11 +75,16 @@ class StepMetrics:
 
 @dataclass(frozen=True)
 class TrainSummary:
-    steps: int
-    final_loss: float
-    final_val_loss: float | None
+    """What one call of :meth:`Trainer.fit` did. ``steps_trained == 0`` means nothing was left to
+    train (a resumed run already at ``max_steps`` or past its ``max_seconds``): then
+    ``final_loss`` and ``final_val_loss`` are None and ``tokens_per_second`` is 0."""
+
+    steps: int  # steps completed by the run, this call's included
+    final_loss: float | None  # train loss of the last step of this call; None if it trained none
+    final_val_loss: float | None  # val loss of this call's last step, when evaluated there
     tokens_per_second: float
     seconds: float
+    steps_trained: int  # steps run by this call
 
 
 class Trainer:
@@ -120,6 +126,10 @@ class Trainer:
         self.train_seconds = 0.0  # wall-clock spent in fit() over all sessions of this run
         self.current_lr = 0.0
         self.skipped_steps = 0  # fp16 steps skipped for inf/nan gradients, this session
+        self.last_checkpoint_step: int | None = None  # of this run (resumed from or saved), for messages
+        # A run that did not resume starts metrics.jsonl afresh: the first record replaces any
+        # file an earlier run left there instead of appending to its log.
+        self._metrics_continue = False
         # Sharded gradients: fp16 overflow checks must agree over all ranks (see PrecisionPolicy).
         self.precision = PrecisionPolicy(config.precision, self.device, sharded=config.strategy in SHARDED_STRATEGIES)
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
@@ -148,13 +158,21 @@ class Trainer:
         else:
             load_model_weights(self.model, directory / WEIGHTS_FILE)
             state = load_training_state(directory, self.optimizer)
-        self.train_batches.load_state_dict(state["data"])
-        self.step = int(state["step"])
-        self.train_seconds = float(state.get("train_seconds", 0.0))
-        self.precision.load_state_dict(state.get("grad_scaler") or {})
-        self._restore_rank_rng(state.get("rank_rng"))
+        try:
+            self.train_batches.load_state_dict(state["data"])
+            self.step = int(state["step"])
+            self.train_seconds = float(state.get("train_seconds", 0.0))
+            self.precision.load_state_dict(state.get("grad_scaler") or {})
+            self._restore_rank_rng(state.get("rank_rng"))
+        except (GptkitError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"cannot resume {directory}: trainer_state.json does not fit this run ({first})"
+            ) from None
+        self.last_checkpoint_step = self.step
         if self.is_main:
             self._truncate_metrics(self.step)
+        self._metrics_continue = True
         barrier()  # no rank appends metrics before rank 0 has truncated them
         logger.info("resumed from %s at step %d", directory, self.step)
 
@@ -163,8 +181,17 @@ class Trainer:
         path = self.metrics_path
         if path is None or not path.exists():
             return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [line for line in kept if json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                record_step = int(record["step"])
+            except (ValueError, TypeError, KeyError):  # blank, or torn by a crash mid-write
+                if line.strip():
+                    logger.warning("%s: dropping an unreadable record %r", path, line[:80])
+                continue
+            if record_step <= step:
+                kept.append(line)
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ loop
@@ -207,9 +234,21 @@ class Trainer:
                     loss = self.loss_fn(self.forward_model, (x.to(self.device), y.to(self.device)))
                 self.precision.backward(loss / config.grad_accum_steps)
             total_loss += float(loss.detach()) / config.grad_accum_steps
+        # Divergence is decided on values every rank shares, so all ranks raise together and none
+        # waits in a collective: the loss is all-reduced here (one rank's nan makes the mean nan),
+        # and the gradient norm comes from gradients DDP has all-reduced, from DTensor shards whose
+        # norm clip_grad_norm reduces over the mesh, or from TP's replicated (equal) gradients.
         total_loss = mean_over_ranks(total_loss)
+        if not math.isfinite(total_loss):
+            self.optimizer.zero_grad(set_to_none=True)  # no step: the weights stay as they were
+            raise self._diverged(f"loss is {total_loss}", self.step + 1)
         self.precision.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = clip_grad_norm(self.model.parameters(), config.grad_clip)  # also over DTensors
+        # With an fp16 loss scaler an inf/nan gradient is an overflow that the scaler skips (below);
+        # without one it would write inf/nan into the weights.
+        if self.precision.scaler is None and not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._diverged(f"gradient norm is {grad_norm} (loss {total_loss:.4f})", self.step + 1)
         if not self.precision.step(self.optimizer):
             self.skipped_steps += 1
             logger.warning(
@@ -229,14 +268,12 @@ class Trainer:
         seconds_before = self.train_seconds
         start_step = self.step
         tokens_per_step = 0
-        loss = math.nan
+        loss: float | None = None
         val_loss: float | None = None
         window_start, window_tokens = time.perf_counter(), 0
         while self.step < config.max_steps and not self._out_of_time():
             loss, grad_norm = self.train_step()
             self.train_seconds = seconds_before + (time.perf_counter() - start)
-            if not math.isfinite(loss):
-                logger.warning("step %d: loss is %s", self.step, loss)
             if tokens_per_step == 0:
                 x_shape = self.train_batches_shape()
                 # Global throughput: every rank consumes its own micro-batches.
@@ -277,7 +314,36 @@ class Trainer:
             final_val_loss=val_loss,
             tokens_per_second=steps_done * tokens_per_step / max(seconds, 1e-9),
             seconds=seconds,
+            steps_trained=steps_done,
         )
+
+    def _diverged(self, what: str, step: int) -> TrainingError:
+        """The one-line error for a run that produced inf/nan at ``step``."""
+        if self.checkpoint_dir is None:
+            where = ""
+        elif self.last_checkpoint_step is None:
+            where = f" (no checkpoint of this run was saved to {self.checkpoint_dir})"
+        else:
+            where = f" (the last checkpoint is at step {self.last_checkpoint_step} in {self.checkpoint_dir})"
+        return TrainingError(
+            f"training diverged: {what} at step {step}{where}; lower train.lr or raise train.warmup_steps"
+        )
+
+    def weights_are_finite(self) -> bool:
+        """True when no parameter holds inf/nan; the same answer on every rank (a collective
+        under several processes, since FSDP/TP ranks each see only their shards)."""
+        from torch.distributed.tensor import DTensor
+
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters()]
+        flags = [torch.isfinite(t).all() for t in local if t.numel()]
+        finite = bool(torch.stack(flags).all()) if flags else True
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([1.0 if finite else 0.0], dtype=torch.float64)
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag.item() == 1.0)
+        return finite
 
     def _out_of_time(self) -> bool:
         return self.config.max_seconds is not None and self.train_seconds >= self.config.max_seconds
@@ -308,13 +374,18 @@ class Trainer:
         )
         if self.metrics_path is not None and self.is_main:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
+            if not self._metrics_continue and self.metrics_path.exists():
+                logger.info("starting a new %s (replacing an earlier run's)", self.metrics_path)
+            with open(self.metrics_path, "a" if self._metrics_continue else "w", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        self._metrics_continue = True
 
     def save_checkpoint(self) -> Path | None:
         directory = self.checkpoint_dir
         if directory is None:
             return None
+        if not self.weights_are_finite():  # a collective, like the save itself
+            raise self._diverged("the weights hold inf/nan", self.step)
         rank_rng = self._gather_rank_rng()  # a collective: every rank takes part
         extra_state = {
             "train_seconds": self.train_seconds,
@@ -335,6 +406,7 @@ class Trainer:
             tokenizer_path=self.tokenizer_path,
             extra_state=extra_state,
         )
+        self.last_checkpoint_step = self.step
         logger.info("saved %scheckpoint at step %d to %s", "sharded " if sharded else "", self.step, directory)
         return directory
 

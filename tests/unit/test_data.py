@@ -249,19 +249,24 @@ def test_prepare_writes_shards_that_decode_to_the_corpus(tmp_path):
         for shard in split["shards"]:
             assert (out / shard["file"]).stat().st_size == 2 * shard["tokens"]  # uint16
 
-    # Re-interleave per document (first 1 - val_fraction to train, rest to val) and decode.
+    # Re-join per document (first 1 - val_fraction to train, the rest to val, each part ending
+    # in EOT) and decode.
+    assert meta["split"] == "cut-per-document"
     tok = tokenizer_of(out)
     train_ids, val_ids = read_split(out, "train"), read_split(out, "val")
-    assert len(train_ids) + len(val_ids) == sum(len(t) + 1 for t in texts.values())  # char + EOT
     for text in texts.values():
-        n = len(text) + 1
-        n_val = int(n * 0.1)
-        doc_ids = np.concatenate([train_ids[: n - n_val], val_ids[:n_val]])
-        train_ids, val_ids = train_ids[n - n_val :], val_ids[n_val:]
-        assert doc_ids[-1] == tok.eot_id and tok.eot_id not in doc_ids[:-1]
-        assert tok.decode(doc_ids[:-1].tolist()) == text
+        n = len(text)  # char tokens
+        n_train, n_val = n - int(n * 0.1), int(n * 0.1)
+        train_part, train_ids = train_ids[: n_train + 1], train_ids[n_train + 1 :]
+        assert train_part[-1] == tok.eot_id and tok.eot_id not in train_part[:-1]
+        val_part = np.array([], np.int64)
+        if n_val:
+            val_part, val_ids = val_ids[: n_val + 1], val_ids[n_val + 1 :]
+            assert val_part[-1] == tok.eot_id and tok.eot_id not in val_part[:-1]
+        assert tok.decode(np.concatenate([train_part[:-1], val_part[:-1]]).tolist()) == text
     assert len(train_ids) == len(val_ids) == 0
-    assert meta["splits"]["val"]["tokens"] == int(901 * 0.1) + int(1501 * 0.1)  # "short" all train
+    # Each val part ends in EOT; "short" goes wholly to train.
+    assert meta["splits"]["val"]["tokens"] == int(900 * 0.1) + 1 + int(1500 * 0.1) + 1
 
 
 def test_prepare_is_deterministic(tmp_path):
@@ -283,10 +288,15 @@ def test_prepare_jsonl_and_bpe(tmp_path):
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
     meta = prepare_dataset(str(path), tmp_path / "data", tokenizer="bpe", vocab_size=300)
     assert meta["tokenizer"] == "bpe" and meta["vocab_size"] <= 300
+    assert meta["requested_vocab_size"] == 300
+    # 3 documents cannot give val a whole one at val_fraction 0.1: each is cut, both parts end
+    # in EOT.
+    assert meta["split"] == "cut-per-document"
     tok = tokenizer_of(tmp_path / "data")
-    ids = np.concatenate([read_split(tmp_path / "data", s) for s in ("train", "val")])
-    assert (ids == tok.eot_id).sum() == 3
-    assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == len(ids)
+    train, val = read_split(tmp_path / "data", "train"), read_split(tmp_path / "data", "val")
+    assert (train == tok.eot_id).sum() == (val == tok.eot_id).sum() == 3
+    assert meta["splits"]["train"]["tokens"] == len(train)
+    assert meta["splits"]["val"]["tokens"] == len(val)
 
 
 def test_prepare_uses_uint32_for_large_vocabularies(tmp_path):
@@ -295,8 +305,10 @@ def test_prepare_uses_uint32_for_large_vocabularies(tmp_path):
     (tmp_path / "big.txt").write_text(text, encoding="utf-8")
     meta = prepare_dataset(str(tmp_path / "big.txt"), tmp_path / "data")
     assert meta["dtype"] == "uint32" and meta["vocab_size"] > 65535
+    tok = tokenizer_of(tmp_path / "data")
     ids = np.concatenate([read_split(tmp_path / "data", s) for s in ("train", "val")])
-    assert tokenizer_of(tmp_path / "data").decode(ids[:-1].tolist()) == text
+    assert (ids == tok.eot_id).sum() == 2  # after the train part and after the val part
+    assert tok.decode(ids[ids != tok.eot_id].tolist()) == text
 
 
 def test_prepare_too_small_corpus(tmp_path):
@@ -365,6 +377,230 @@ def test_load_meta_errors(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"format": "gptkit-tokens", "version": 1}))
     with pytest.raises(DataError, match="corrupt"):
         load_meta(tmp_path)
+
+
+# --- EOT and the train/val split ------------------------------------------------------------------
+
+
+def split_on_eot(ids: np.ndarray, eot_id: int) -> list[list[int]]:
+    """The pieces of a token stream that each end in EOT (EOTs dropped); nothing may trail."""
+    ends = np.flatnonzero(ids == eot_id)
+    assert len(ends) and ends[-1] == len(ids) - 1, "a split must end in EOT"
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [ids[a:b].tolist() for a, b in zip(starts, ends)]
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def test_txt_corpus_train_split_ends_every_document_with_eot(tmp_path):
+    texts = {f"{i}.txt": random_text(400 + 100 * i, i) for i in range(3)}
+    corpus = write_corpus_dir(tmp_path / "corpus", texts)
+    meta = prepare_dataset(str(corpus), tmp_path / "data", val_fraction=0.2)
+    assert meta["split"] == "cut-per-document"
+    tok = tokenizer_of(tmp_path / "data")
+    train, val = read_split(tmp_path / "data", "train"), read_split(tmp_path / "data", "val")
+    assert (train == tok.eot_id).sum() == 3 and (val == tok.eot_id).sum() == 3
+    # train reads doc1[:cut] EOT doc2[:cut] EOT ..., val the rest of each document, each
+    # also ending in EOT.
+    cuts = [len(t) - int(len(t) * 0.2) for t in texts.values()]
+    assert [tok.decode(p) for p in split_on_eot(train, tok.eot_id)] == [
+        t[:c] for t, c in zip(texts.values(), cuts)
+    ]
+    assert [tok.decode(p) for p in split_on_eot(val, tok.eot_id)] == [
+        t[c:] for t, c in zip(texts.values(), cuts)
+    ]
+
+
+def test_jsonl_corpus_holds_out_whole_documents_evenly(tmp_path):
+    texts = [f"document {i}: {random_text(30, i)}" for i in range(20)]
+    # An empty record is skipped and not counted: the 10th and 20th non-empty documents go to val.
+    path = write_jsonl(tmp_path / "c.jsonl", texts[:5] + [""] + texts[5:])
+    meta = prepare_dataset(str(path), tmp_path / "data", val_fraction=0.1)
+    assert meta["split"] == "whole-documents" and meta["documents"] == 21
+    tok = tokenizer_of(tmp_path / "data")
+    train, val = read_split(tmp_path / "data", "train"), read_split(tmp_path / "data", "val")
+    assert [tok.decode(p) for p in split_on_eot(val, tok.eot_id)] == [texts[9], texts[19]]
+    expected_train = [t for i, t in enumerate(texts) if i not in (9, 19)]
+    assert [tok.decode(p) for p in split_on_eot(train, tok.eot_id)] == expected_train
+    assert (train == tok.eot_id).sum() == 18
+
+
+def test_jsonl_bpe_train_split_holds_eot(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [random_text(200, i) for i in range(12)])
+    meta = prepare_dataset(
+        str(path), tmp_path / "data", tokenizer="bpe", vocab_size=300, val_fraction=0.25
+    )
+    assert meta["split"] == "whole-documents"
+    tok = tokenizer_of(tmp_path / "data")
+    train, val = read_split(tmp_path / "data", "train"), read_split(tmp_path / "data", "val")
+    assert (train == tok.eot_id).sum() == 9 and (val == tok.eot_id).sum() == 3
+    assert train[-1] == val[-1] == tok.eot_id
+
+
+@pytest.mark.parametrize(
+    ("n_docs", "val_fraction", "val_docs"),
+    [
+        (20, 0.1, [9, 19]),
+        (8, 0.25, [3, 7]),
+        (10, 0.3, [3, 6, 9]),
+        (9, 0.1, []),
+        (7, 0.5, [1, 3, 5]),
+    ],
+)
+def test_whole_document_val_is_even_and_exact(n_docs, val_fraction, val_docs):
+    chosen = prepare_module.whole_document_val(n_docs, val_fraction)
+    assert [i for i, v in enumerate(chosen) if v] == val_docs
+
+
+def test_tiny_jsonl_falls_back_to_cutting_each_document(tmp_path):
+    texts = [random_text(300, i) for i in range(3)]  # fewer than 1 / 0.1 documents
+    path = write_jsonl(tmp_path / "tiny.jsonl", texts)
+    meta = prepare_dataset(str(path), tmp_path / "data", val_fraction=0.1)
+    assert meta["split"] == "cut-per-document"
+    tok = tokenizer_of(tmp_path / "data")
+    train, val = read_split(tmp_path / "data", "train"), read_split(tmp_path / "data", "val")
+    assert [tok.decode(p) for p in split_on_eot(train, tok.eot_id)] == [t[:270] for t in texts]
+    assert [tok.decode(p) for p in split_on_eot(val, tok.eot_id)] == [t[270:] for t in texts]
+
+
+def test_meta_records_what_the_data_was_prepared_from(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("c.txt").write_text(random_text(500, 0))
+    meta = prepare_dataset("c.txt", "data", val_fraction=0.2)
+    assert meta["source"] == "c.txt"
+    assert meta["source_path"] == str((tmp_path / "c.txt").resolve())
+    assert meta["tokenizer"] == "char" and meta["requested_vocab_size"] is None
+    assert meta["val_fraction"] == 0.2
+    assert load_meta("data") == meta
+    assert sources.resolve_source("shakespeare") == "shakespeare"  # the built-in corpus by name
+
+
+# --- stale prepared data -------------------------------------------------------------------------
+
+
+def run_config(source, data_dir, *extra: str):
+    from gptkit.config import load_run_config
+
+    return load_run_config(None, [f"--data.source={source}", f"--data.dir={data_dir}", *extra])
+
+
+@pytest.fixture()
+def prepared_txt(tmp_path, monkeypatch) -> Path:
+    """``a.txt`` prepared (char tokenizer) into ``data/x``; the working directory is tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    Path("a.txt").write_text(random_text(3000, 0))
+    write_jsonl(Path("b.jsonl"), [random_text(300, i) for i in range(20)])
+    prepare_dataset("a.txt", "data/x", val_fraction=0.1)
+    return tmp_path / "data" / "x"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "then", "now"),
+    [
+        (
+            ["--data.source=b.jsonl", "--data.tokenizer=bpe", "--data.vocab_size=1000"],
+            "a.txt with the char tokenizer;",
+            "b.jsonl with the bpe tokenizer (vocab 1000):",
+        ),
+        (
+            ["--data.tokenizer=bpe"],
+            "a.txt with the char tokenizer;",
+            "a.txt with the bpe tokenizer (vocab 4096):",
+        ),
+        (
+            ["--data.val_fraction=0.2"],
+            "a.txt with the char tokenizer, val_fraction 0.1;",
+            "a.txt with the char tokenizer, val_fraction 0.2:",
+        ),
+    ],
+)
+def test_train_refuses_data_prepared_from_other_settings(prepared_txt, overrides, then, now):
+    from gptkit.train.run import ensure_prepared
+
+    before = (prepared_txt / "meta.json").read_bytes()
+    config = run_config("a.txt", "data/x", *overrides)
+    with pytest.raises(DataError) as err:
+        ensure_prepared(config)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"data.dir data/x was prepared from {then} this run asks for {now}")
+    assert message.endswith("use another data.dir or delete data/x")
+    assert (prepared_txt / "meta.json").read_bytes() == before  # nothing was re-prepared
+
+
+def test_bpe_vocab_size_change_is_a_mismatch(tmp_path, monkeypatch):
+    from gptkit.train.run import ensure_prepared
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(Path("b.jsonl"), [random_text(300, i) for i in range(20)])
+    prepare_dataset("b.jsonl", "data", tokenizer="bpe", vocab_size=300)
+    ensure_prepared(run_config("b.jsonl", "data", "--data.tokenizer=bpe", "--data.vocab_size=300"))
+    with pytest.raises(DataError, match=r"\(vocab 300\); this run asks for .*\(vocab 400\)"):
+        ensure_prepared(
+            run_config("b.jsonl", "data", "--data.tokenizer=bpe", "--data.vocab_size=400")
+        )
+
+
+def test_matching_settings_reuse_the_data_without_preparing_again(prepared_txt, monkeypatch):
+    from gptkit.train import run as run_module
+
+    def no_prepare(*args, **kwargs):
+        raise AssertionError("prepared again although the data matches")
+
+    monkeypatch.setattr(run_module, "prepare_dataset", no_prepare)
+    before = {p.name: p.stat().st_mtime_ns for p in prepared_txt.iterdir()}
+    # The same file, spelled relative, absolute, and through a path with "..".
+    for source in ("a.txt", str(prepared_txt.parent.parent / "a.txt"), "data/../a.txt"):
+        meta = run_module.ensure_prepared(run_config(source, "data/x"))
+        assert meta == load_meta(prepared_txt)
+    assert {p.name: p.stat().st_mtime_ns for p in prepared_txt.iterdir()} == before
+
+
+def test_builtin_corpus_matches_itself():
+    meta = {"source_path": "shakespeare", "tokenizer": "char", "requested_vocab_size": None,
+            "val_fraction": 0.1, "split": "cut-per-document"}  # fmt: skip
+    # A char run ignores data.vocab_size: it does not change the tokens.
+    for vocab_size in (4096, 1000):
+        prepare_module.check_prepared_from(
+            meta, "data/s", source="shakespeare", tokenizer="char", vocab_size=vocab_size,
+            val_fraction=0.1,
+        )  # fmt: skip
+    with pytest.raises(DataError, match="prepared from shakespeare with the char tokenizer"):
+        prepare_module.check_prepared_from(
+            meta, "data/s", source="a.txt", tokenizer="char", vocab_size=4096, val_fraction=0.1
+        )
+
+
+def test_old_meta_without_the_new_fields_still_loads_and_trains(prepared_txt, caplog):
+    from gptkit.train import run_training
+    from gptkit.train.run import ensure_prepared
+
+    meta_path = prepared_txt / "meta.json"
+    old = json.loads(meta_path.read_text())
+    for key in ("source_path", "requested_vocab_size", "val_fraction", "split"):
+        del old[key]
+    meta_path.write_text(json.dumps(old))
+    # Unknown settings are not compared: another source or val_fraction is let through, with a
+    # warning.
+    with caplog.at_level("WARNING", logger="gptkit.data.prepare"):
+        assert ensure_prepared(run_config("b.jsonl", "data/x", "--data.val_fraction=0.3")) == old
+    assert "older gptkit" in caplog.text and "gptkit prepare" in caplog.text
+    # The tokenizer kind was always recorded, so that mismatch is still caught.
+    with pytest.raises(DataError, match="char tokenizer; this run asks for .* bpe tokenizer"):
+        ensure_prepared(run_config("a.txt", "data/x", "--data.tokenizer=bpe"))
+    config = run_config(
+        "a.txt", "data/x", "--model.n_layer=1", "--model.n_head=2", "--model.d_model=16",
+        "--model.block_size=16", "--train.max_steps=2", "--train.batch_size=2",
+        "--train.eval_interval=2", "--train.eval_batches=1", "--train.warmup_steps=1",
+        "--train.device=cpu",
+        f"--train.out_dir={prepared_txt.parent / 'run'}",
+    )  # fmt: skip
+    losses: list[float] = []
+    run_training(config, on_step=lambda m: losses.append(m.loss))
+    assert len(losses) == 2 and all(np.isfinite(losses))
 
 
 # --- loader ---------------------------------------------------------------------------------------

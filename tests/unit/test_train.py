@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gptkit.config import TrainConfig, load_run_config
-from gptkit.errors import CheckpointError
+from gptkit.errors import CheckpointError, ConfigError, TrainingError
 from gptkit.model import GPT
 from gptkit.train import resume_run_config, run_training
 from gptkit.train.optim import build_optimizer
@@ -103,7 +103,7 @@ def test_a_failing_save_keeps_the_previous_checkpoint(corpus: Path, tmp_path: Pa
 
     monkeypatch.setattr(checkpointing, "save_file", disk_full)
     with pytest.raises(OSError):
-        run_training(load_run_config(None, recipe(corpus, out, max_steps=4)))
+        run_training(load_run_config(None, recipe(corpus, out, max_steps=4)), overwrite=True)
     assert (out / "checkpoint" / "model.safetensors").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
@@ -160,3 +160,224 @@ def test_gradient_accumulation_equals_a_larger_batch() -> None:
         (causal_lm_loss(model, (x[half], y[half])) / 2).backward()
     for expected, param in zip(full, model.parameters()):
         torch.testing.assert_close(param.grad, expected, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ train.out_dir (fresh, overwrite, file)
+
+
+def metrics_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_fresh_run_refuses_an_out_dir_that_holds_a_checkpoint(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_training(load_run_config(None, recipe(corpus, out, max_steps=3)))
+    weights = (out / "checkpoint" / "model.safetensors").read_bytes()
+    # A fresh data.dir shows that the refusal comes before data preparation.
+    again = recipe(corpus, out, max_steps=2) + [f"--data.dir={tmp_path / 'other-data'}"]
+    with pytest.raises(ConfigError) as caught:
+        run_training(load_run_config(None, again))
+    assert str(caught.value) == (
+        f"train.out_dir {out} already holds a checkpoint (step 3); "
+        "pass --resume to continue it or --overwrite to start over"
+    )
+    assert not (tmp_path / "other-data").exists()
+    assert (out / "checkpoint" / "model.safetensors").read_bytes() == weights
+    assert metrics_steps(out) == [1, 2, 3]
+
+
+def test_overwrite_starts_a_new_log_and_replaces_the_checkpoint(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_training(load_run_config(None, recipe(corpus, out, max_steps=4)))
+    run_training(load_run_config(None, recipe(corpus, out, max_steps=2)), overwrite=True)
+    assert metrics_steps(out) == [1, 2]  # replaced, not appended to (was 1..4 then 1, 2)
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_resume_and_overwrite_together_is_an_error(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    config = load_run_config(None, recipe(corpus, out, max_steps=2))
+    run_training(config)
+    with pytest.raises(ConfigError, match="--resume and --overwrite contradict each other"):
+        run_training(config, resume=True, overwrite=True)
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_an_out_dir_that_is_a_file_fails_before_any_work(corpus: Path, tmp_path: Path, inside: bool) -> None:
+    file = tmp_path / "taken"
+    file.write_text("not a directory\n")
+    out = file / "run" if inside else file
+    config = load_run_config(None, recipe(corpus, out, max_steps=2))
+    expected = f"lies inside {file}, which is a file" if inside else "is a file, not a directory"
+    with pytest.raises(ConfigError, match=expected):
+        run_training(config)
+    assert not (tmp_path / "prepared").exists()  # failed before data preparation, let alone training
+    assert file.read_text() == "not a directory\n"
+
+
+# ------------------------------------------------------------------ resume from incomplete checkpoints
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A 2-step run with a complete checkpoint; tests copy it before damaging anything."""
+    root = tmp_path_factory.mktemp("finished")
+    corpus = root / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    args = recipe(corpus, root / "run", max_steps=2)
+    run_training(load_run_config(None, args))
+    return root / "run", args
+
+
+def copy_of(finished_run, tmp_path: Path) -> tuple[Path, object]:
+    import shutil
+
+    source, args = finished_run
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    config = load_run_config(None, [*args, f"--train.out_dir={out}", "--train.max_steps=4"])
+    return out / "checkpoint", config
+
+
+def _edit_state(checkpoint: Path, **changes) -> None:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state.update(changes)
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda c: (c / "optimizer.safetensors").unlink(),
+         r"optimizer.safetensors is missing \(a weights-only checkpoint"),
+        (lambda c: (c / "trainer_state.json").unlink(),
+         r"trainer_state.json is missing \(a weights-only checkpoint"),
+        (lambda c: [(c / n).unlink() for n in ("optimizer.safetensors", "trainer_state.json")],
+         "trainer_state.json and optimizer.safetensors are missing"),
+        (lambda c: (c / "optimizer.safetensors").write_bytes(b"\x00garbage" * 8),
+         "optimizer.safetensors is corrupt"),
+        (lambda c: (c / "trainer_state.json").write_text("{not json"),
+         "trainer_state.json is corrupt"),
+        (lambda c: _edit_state(c, data=None), r'trainer_state.json is corrupt \(no "data" position\)'),
+        (lambda c: _edit_state(c, rng="x"), r'trainer_state.json is corrupt \(no "rng" state\)'),
+        (lambda c: _edit_state(c, step="two"), r'"step" must be a non-negative integer'),
+        (lambda c: _edit_state(c, rng={"torch": "!!not base64!!"}), "training state does not fit this run"),
+        (lambda c: _edit_state(c, data={"epoch": -1, "batch_index": 0}),
+         "trainer_state.json does not fit this run"),
+    ],
+    ids=["no-optimizer", "no-state", "weights-only", "corrupt-optimizer", "state-not-json", "no-data",
+         "bad-rng-type", "bad-step", "bad-rng", "bad-data-position"],
+)
+def test_resume_from_a_damaged_checkpoint_names_the_file(finished_run, tmp_path: Path, damage, message) -> None:
+    checkpoint, config = copy_of(finished_run, tmp_path)
+    damage(checkpoint)
+    with pytest.raises(CheckpointError, match=message) as caught:
+        run_training(config, resume=True)
+    assert str(caught.value).startswith(f"cannot resume {checkpoint}: ")
+    assert "\n" not in str(caught.value)
+
+
+def test_loading_training_state_without_optimizer_file_is_a_checkpoint_error(finished_run, tmp_path: Path) -> None:
+    """The loader itself (which a Trainer used without start_run reaches), not only the pre-check."""
+    from gptkit.config import ModelConfig
+    from gptkit.train.checkpointing import load_training_state
+
+    checkpoint, _ = copy_of(finished_run, tmp_path)
+    (checkpoint / "optimizer.safetensors").unlink()
+    model = GPT(ModelConfig(vocab_size=30, block_size=8, n_layer=1, n_head=2, d_model=16))
+    with pytest.raises(CheckpointError, match="optimizer.safetensors is missing"):
+        load_training_state(checkpoint, build_optimizer(model, TrainConfig()))
+
+
+# ------------------------------------------------------------------ resume at or past max_steps
+
+
+def test_resume_at_max_steps_trains_nothing_and_says_so(finished_run, tmp_path: Path) -> None:
+    checkpoint, config = copy_of(finished_run, tmp_path)
+    before = (checkpoint.parent / "metrics.jsonl").read_text()
+    summary = run_training(resume_run_config(config, ["--train.max_steps=2"]), resume=True)
+    assert summary.steps == 2 and summary.steps_trained == 0
+    assert summary.final_loss is None and summary.final_val_loss is None and summary.tokens_per_second == 0
+    assert (checkpoint.parent / "metrics.jsonl").read_text() == before
+
+
+def test_resume_with_max_steps_below_the_checkpoint_is_a_config_error(finished_run, tmp_path: Path) -> None:
+    checkpoint, config = copy_of(finished_run, tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        run_training(resume_run_config(config, ["--train.max_steps=1"]), resume=True)
+    assert str(caught.value) == (
+        "train.max_steps 1 is below the checkpoint's step 2; give a larger train.max_steps to continue"
+    )
+
+
+# ------------------------------------------------------------------ divergence (inf/nan)
+
+
+def test_a_diverging_run_stops_with_a_one_line_error_and_no_nan_checkpoint(corpus: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    config = load_run_config(None, recipe(corpus, out, max_steps=8, lr=1e30, checkpoint_interval=1))
+    with pytest.raises(TrainingError) as caught:
+        run_training(config)
+    message = str(caught.value)
+    assert message.startswith("training diverged: loss is ") and "\n" not in message
+    step = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
+    assert f"at step {step + 1} (the last checkpoint is at step {step} in {out / 'checkpoint'})" in message
+    assert message.endswith("; lower train.lr or raise train.warmup_steps")
+    weights = load_file(str(out / "checkpoint" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert all(r["loss"] == r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
+
+
+class _Batches:
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 30, (2, 9), generator=g)
+        self.x, self.y = tokens[:, :-1], tokens[:, 1:]
+
+    def next_batch(self):
+        return self.x, self.y
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state) -> None:
+        pass
+
+
+def _tiny_trainer(out_dir: Path | None = None, **train):
+    from gptkit.config import ModelConfig
+    from gptkit.train import Trainer
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=30, block_size=8, n_layer=1, n_head=2, d_model=16))
+    config = TrainConfig(max_steps=3, warmup_steps=0, batch_size=2, **train)
+    return Trainer(model, config, train_batches=_Batches(), out_dir=out_dir)
+
+
+def test_an_inf_gradient_without_a_loss_scaler_is_divergence() -> None:
+    import copy
+    import math
+
+    trainer = _tiny_trainer()
+    trainer.train_step()
+    before = copy.deepcopy(trainer.model.state_dict())
+    handle = trainer.model.blocks[0].mlp_norm.weight.register_hook(lambda g: torch.full_like(g, math.inf))
+    message = r"training diverged: gradient norm is (inf|nan) \(loss [0-9.]+\) at step 2"
+    with pytest.raises(TrainingError, match=message):
+        trainer.train_step()
+    handle.remove()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the bad step was not applied
+    assert trainer.step == 1
+
+
+def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path: Path) -> None:
+    trainer = _tiny_trainer(tmp_path / "run")
+    trainer.train_step()
+    with torch.no_grad():
+        trainer.model.blocks[0].mlp_norm.weight[0] = float("nan")
+    with pytest.raises(TrainingError, match="training diverged: the weights hold inf/nan at step 1"):
+        trainer.save_checkpoint()
+    assert not (tmp_path / "run" / "checkpoint").exists()
