@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 TEXT = "".join(f"ROMEO {i}: But soft, what light through yonder window breaks? It is the east.\n" for i in range(300))
 
@@ -25,10 +26,13 @@ def gptkit(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPro
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode != 0
+    """Exit status 1 and the error as the last line of stderr, whole on that line (log lines of
+    work done before the mistake was found may come first)."""
+    assert result.returncode == 1, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr
+    assert result.stderr.rstrip("\n").splitlines()[-1] == lines[0], result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 
@@ -107,6 +111,12 @@ def test_convert_to_hugging_face_and_back(trained: Path, workdir: Path) -> None:
     assert sorted(p.name for p in (trained / "checkpoint").iterdir()) == before
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_generate_on_cuda_without_cuda(trained: Path, workdir: Path) -> None:
+    assert_one_line_error(gptkit("generate", "run", "--device", "cuda", cwd=workdir, check=False),
+                          "--device cuda: this machine has no CUDA device")
+
+
 def test_generate_stop_escape_and_bad_options(trained: Path, workdir: Path, tmp_path: Path) -> None:
     # "\n" typed in the shell stops at the first newline (the corpus has one per line).
     result = gptkit("generate", "run", "--prompt", "ROMEO", "--max-new-tokens", "200", "--seed", "1",
@@ -114,11 +124,6 @@ def test_generate_stop_escape_and_bad_options(trained: Path, workdir: Path, tmp_
     assert result.stdout.count("\n") == 1 and result.stdout.endswith("\n")  # the line break after the sample
     assert_one_line_error(gptkit("generate", "run", "--seed", str(10**23), cwd=workdir, check=False),
                           "seed: must be in [0, 2**63 - 1]")
-    import torch
-
-    if not torch.cuda.is_available():
-        assert_one_line_error(gptkit("generate", "run", "--device", "cuda", cwd=workdir, check=False),
-                              "--device cuda: this machine has no CUDA device")
     # A tokenizer larger than the model's vocabulary fails before the prompt is printed.
     from gptkit.tokenizer.bpe import train_bpe_tokenizer
 
@@ -165,9 +170,9 @@ def test_prompt_longer_than_context(trained: Path, workdir: Path) -> None:
 
 
 def test_empty_corpus(tmp_path: Path) -> None:
-    (tmp_path / "empty.txt").write_text("  \n\n", encoding="utf-8")
-    result = gptkit("prepare", "--data.source=empty.txt", "--data.dir=out", cwd=tmp_path, check=False)
-    assert_one_line_error(result, "empty.txt")
+    (tmp_path / "blank.txt").write_text("  \n\n", encoding="utf-8")
+    result = gptkit("prepare", "--data.source=blank.txt", "--data.dir=out", cwd=tmp_path, check=False)
+    assert_one_line_error(result, "corpus blank.txt is empty")
     assert not (tmp_path / "out").exists()
 
 

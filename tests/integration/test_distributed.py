@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -161,7 +160,6 @@ def test_a_dead_rank_makes_the_other_fail_within_the_timeout(workdir: Path) -> N
     port = str(free_port())
     cli_train(workdir, "--train.max_steps=1", "--train.out_dir=warmup")  # prepare the data up front
     procs = []
-    start = time.monotonic()
     for rank in (0, 1):
         env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
@@ -179,5 +177,4 @@ def test_a_dead_rank_makes_the_other_fail_within_the_timeout(workdir: Path) -> N
                 p.kill()
             p.communicate()
     assert procs[1].returncode == 3
-    assert survivor_rc != 0
-    assert time.monotonic() - start < 120
+    assert survivor_rc != 0  # and within the wait's 120 s, or the wait above raised

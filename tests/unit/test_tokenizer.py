@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -118,9 +117,16 @@ def bpe_tok() -> BPETokenizer:
     return train_bpe_tokenizer([TRAIN_TEXT], BPE_VOCAB)
 
 
-@pytest.fixture(params=["char", "bpe"])
-def tok(request, char_tok, bpe_tok) -> Tokenizer:
-    return char_tok if request.param == "char" else bpe_tok
+@pytest.fixture(scope="module")
+def char_tok_on_hard_strings() -> CharTokenizer:
+    """A char tokenizer that has the hard strings' characters in its vocabulary (emoji, CJK,
+    combining marks as their own ids), so they round-trip without the byte fallback."""
+    return train_char_tokenizer([TRAIN_TEXT, *HARD_STRINGS])
+
+
+@pytest.fixture(params=["char", "char-trained-on-them", "bpe"])
+def tok(request, char_tok, char_tok_on_hard_strings, bpe_tok) -> Tokenizer:
+    return {"char": char_tok, "char-trained-on-them": char_tok_on_hard_strings, "bpe": bpe_tok}[request.param]
 
 
 # -- round trips ------------------------------------------------------------------------------
@@ -221,16 +227,13 @@ def test_char_empty_vocabulary_still_round_trips() -> None:
         assert tok.decode(tok.encode(text)) == text
 
 
-def test_char_encode_array_is_fast_on_5mb() -> None:
+def test_char_encode_array_on_5mb_with_unseen_characters() -> None:
     text = ("First Citizen: Before we proceed any further, hear me speak.\n" * 85_000)[:5_000_000]
     tok = train_char_tokenizer([text])
     text = text[:-10] + "\u00e9\U0001F600\u65e5" + text[-7:]  # a few unseen characters
-    # CPU time rather than wall time: the bound is about our code, not about a busy machine.
-    start = time.process_time()
     ids = tok.encode_array(text)
-    elapsed = time.process_time() - start
-    assert len(ids) == len(text) - 3 + 2 + 4 + 3
-    assert elapsed < 2.0, f"encoding 5 MB took {elapsed:.2f} s of CPU time"
+    assert len(ids) == len(text) - 3 + 2 + 4 + 3  # the unseen ones as their UTF-8 bytes
+    assert tok.decode(ids.tolist()) == text
 
 
 def test_char_rejects_bad_vocabularies() -> None:

@@ -102,7 +102,7 @@ def test_a_failing_save_keeps_the_previous_checkpoint(corpus: Path, tmp_path: Pa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpointing, "save_file", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         run_training(load_run_config(None, recipe(corpus, out, max_steps=4)), overwrite=True)
     assert (out / "checkpoint" / "model.safetensors").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
