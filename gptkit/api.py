@@ -15,7 +15,7 @@ import torch
 
 from gptkit.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_checkpoint_model
 from gptkit.config import SampleConfig
-from gptkit.errors import CheckpointError
+from gptkit.errors import CheckpointError, ConfigError
 from gptkit.generate.generator import Completion, generate_text
 from gptkit.model.gpt import GPT
 from gptkit.model.hf import is_hf_directory, load_hf  # transformers itself is imported lazily
@@ -31,9 +31,30 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, or a ConfigError naming it when this machine cannot use it."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a device torch knows; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {device!r}: this machine has no CUDA device; use 'cpu'")
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"device {device!r}: this machine has {count} CUDA device(s)")
+    elif resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device {device!r}: this machine has no MPS device; use 'cpu'")
+    elif resolved.type not in ("cpu", "meta"):
+        raise ConfigError(f"device {device!r} is not supported; use 'cpu', 'cuda' or 'mps'")
+    return resolved
+
+
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> GPT:
     """A model in eval mode from a gptkit checkpoint (or run) directory, or a Hugging Face GPT-2 /
     Llama directory saved with ``save_pretrained``."""
+    device = check_device(device)
     directory = resolve_checkpoint_dir(path)
     if is_hf_directory(directory):
         return load_hf(directory).to(device).eval()
@@ -61,7 +82,7 @@ def generate(
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
     seed: int | None = None,
-    stop: tuple[str, ...] | list[str] = (),
+    stop: str | tuple[str, ...] | list[str] = (),
 ) -> Completion:
     """Complete ``prompt``; returns a Completion with ``.text``, ``.token_ids`` and ``.finish_reason``."""
     sample = SampleConfig(
@@ -71,6 +92,6 @@ def generate(
         top_p=top_p,
         repetition_penalty=repetition_penalty,
         seed=seed,
-        stop=tuple(stop),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),  # one string is one stop string
     )
     return generate_text(model, tokenizer, prompt, sample)

@@ -1,7 +1,8 @@
 """The ``gptkit`` command line: prepare, train, generate, convert, plan.
 
 Every verb takes ``--help``. Recipes are YAML files (see configs/) and any field can be overridden
-with ``--section.field=value``. A user mistake prints one line starting with "error:" and exits 1.
+with ``--section.field=value``. A user mistake prints one line starting with "error:" and exits 1
+(2 for a malformed command line, as argparse does).
 """
 
 from __future__ import annotations

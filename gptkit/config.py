@@ -7,6 +7,7 @@ so a typo never silently falls back to a default. A checkpoint stores its resolv
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +35,52 @@ def _choice(value: Any, name: str, allowed: tuple[Any, ...]) -> None:
     _require(value in allowed, name, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` is of a config field's type, as a Python caller passes it (an int is a
+    fine float; a bool is not a number; a list is a fine tuple)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return value in args
+    if args and type(None) in args:  # X | None
+        return value is None or any(_type_ok(value, a) for a in args if a is not type(None))
+    if origin is tuple:
+        return isinstance(value, (tuple, list)) and all(_type_ok(v, args[0]) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation in (bool, str):
+        return isinstance(value, annotation)
+    return True
+
+
 def _finite_numbers(config: Any, section: str) -> None:
-    """No field of a config may be inf or nan: such a value only shows up later as a nan loss."""
+    """Every field of the type it is declared with, and no number inf or nan: a config built in
+    Python (not through YAML) is checked here, and a nan or inf only shows up later as a nan loss."""
+    prefix = f"{section}." if section != "sample" else ""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        annotation = _field_types(type(config))[f.name]
+        if not _type_ok(value, annotation):
+            raise ConfigError(f"{prefix}{f.name}: must be {_type_name(annotation)}; got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{section}.{f.name}: must be a finite number; got {value}")
+            raise ConfigError(f"{prefix}{f.name}: must be a finite number; got {value}")
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if args and type(None) in args:
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
+    if origin is tuple:
+        return "a list of strings"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation, str(annotation))
 
 
 # torch.Generator.manual_seed takes seeds up to 2**64 - 1; seeds are offset by ranks and samples.
@@ -283,6 +324,14 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig),
+                          ("sample", SampleConfig)):
+            value = getattr(self, name)
+            if not isinstance(value, cls):
+                hint = " (build it with run_config_from_dict for plain dicts)" if isinstance(value, dict) else ""
+                raise ConfigError(f"{name}: must be a {cls.__name__}; got {type(value).__name__}{hint}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from gptkit.config import SampleConfig
-from gptkit.errors import RequestError
+from gptkit.errors import ConfigError, RequestError
 from gptkit.generate.sampling import apply_repetition_penalty, sample_next
 from gptkit.model.fused_decode import FusedDecoder
 from gptkit.model.gpt import GPT
@@ -24,7 +24,6 @@ from gptkit.model.packed import packed_for_inference, should_pack
 from gptkit.tokenizer import Tokenizer
 
 
-@torch.inference_mode()
 def decode_tokens(
     model: GPT,
     prompt: torch.Tensor,
@@ -38,16 +37,54 @@ def decode_tokens(
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of each row, (B,), for ``max_new_tokens`` steps.
 
-    ``prompt`` is (B, T) with T >= 1 and T <= block_size. When the sequence reaches block_size the
-    context slides: the cache is rebuilt from the most recent three quarters of the window (a
-    recomputation, as nanoGPT's crop does on every step, but only once per quarter window).
+    ``prompt`` is (B, T) token ids with T >= 1 and T <= block_size. When the sequence reaches
+    block_size the context slides: the cache is rebuilt from the most recent three quarters of the
+    window (a recomputation, as nanoGPT's crop does on every step, but only once per quarter window).
+
+    The arguments are checked here, when called (RequestError); the model runs in eval mode (no
+    dropout) while the steps are drawn and gets its training mode back when they are done.
     """
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype.is_floating_point \
+            or prompt.dtype == torch.bool:
+        shown = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+        raise RequestError(f"prompt must be a (batch, tokens) tensor of token ids; got {shown}")
+    try:
+        SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                     repetition_penalty=repetition_penalty)
+    except ConfigError as exc:
+        raise RequestError(str(exc)) from None
     block_size = model.config.block_size
-    batch_size, prompt_len = prompt.shape
+    prompt_len = prompt.shape[1]
     if prompt_len == 0:
         raise RequestError("prompt must contain at least one token")
     if prompt_len > block_size:
         raise RequestError(f"prompt is {prompt_len} tokens, longer than the model's context of {block_size} tokens")
+    return _decode_in_eval_mode(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, generator)
+
+
+def _decode_in_eval_mode(model: GPT, *args) -> Iterator[torch.Tensor]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield from _decode_steps(model, *args)
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def _decode_steps(
+    model: GPT,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float,
+    generator: torch.Generator | None,
+) -> Iterator[torch.Tensor]:
+    """The steps of ``decode_tokens``, its arguments checked."""
+    block_size = model.config.block_size
+    batch_size, prompt_len = prompt.shape
     if max_new_tokens <= 0:
         return
     device = model.token_embedding.weight.device
@@ -93,6 +130,8 @@ class Completion:
     """A finished generation: the new text, its token ids, and why it ended."""
 
     text: str
+    # Every token drawn, also those that formed a stop string (which ``text`` leaves out: a stop
+    # string can end inside a token, so the ids cannot always be cut to match the text).
     token_ids: list[int]
     finish_reason: str  # "length" (max_new_tokens), "stop" (a stop string) or "eot" (end-of-text token)
 
@@ -141,6 +180,8 @@ class _TextStream:
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[int]:
     """Token ids of ``prompt``; an empty prompt starts from the end-of-text token, as GPT-2 does."""
+    if not isinstance(prompt, str):
+        raise RequestError(f"prompt must be a string; got {type(prompt).__name__}")
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     if len(ids) > block_size:
         raise RequestError(

@@ -49,7 +49,10 @@ def sample_next(
     """Choose the next token of each row from logits (B, V) -> (B,). temperature 0 is greedy."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shift so the largest logit is 0 before dividing: a tiny temperature then sends the others to
+    # -inf (probability 0) instead of overflowing all of them to inf (a nan softmax).
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         logits = filter_top_k(logits, top_k)
     if top_p is not None:

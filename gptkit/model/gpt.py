@@ -87,6 +87,9 @@ class GPT(nn.Module):
         With ``kv_cache`` the tokens continue each row's cached sequence: their keys and values are
         appended to the cache and they attend over everything cached before them.
         """
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            shown = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be a (batch, time) tensor of token ids; got {shown}")
         B, T = tokens.shape
         # positions: absolute position of each new token, (B, T); None means 0..T-1 for every row.
         positions: torch.Tensor | None = None
@@ -96,7 +99,7 @@ class GPT(nn.Module):
         is_causal = True if T > 1 else False  # noqa: SIM210
         if kv_cache is not None:
             start = kv_cache.uniform_length
-            cache_positions = kv_cache.begin_step(T)  # (B, T); raises if the cache would overflow
+            cache_positions = kv_cache.begin_step(T, B)  # (B, T); raises if the cache would overflow
             if start != 0:  # continuing: the new tokens also see the cached prefix
                 positions = cache_positions
                 mask = kv_cache.attention_mask(positions)

@@ -28,6 +28,9 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
+        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"KV cache {name} must be a positive integer; got {value!r}")
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -48,8 +51,11 @@ class KVCache:
         """The length every row shares, or None when the rows differ."""
         return self._uniform_length
 
-    def begin_step(self, n_tokens: int) -> torch.Tensor:
-        """Reserve ``n_tokens`` new positions per row; returns their absolute positions (B, T)."""
+    def begin_step(self, n_tokens: int, batch_size: int | None = None) -> torch.Tensor:
+        """Reserve ``n_tokens`` new positions per row; returns their absolute positions (B, T).
+        ``batch_size``, when given, must be the cache's (the rows of the tokens fed in)."""
+        if batch_size is not None and batch_size != self.batch_size:
+            raise ValueError(f"{batch_size} rows of tokens for a KV cache of {self.batch_size} rows")
         longest = self._uniform_length if self._uniform_length is not None else int(self.lengths.max())
         if longest + n_tokens > self.max_len:
             raise ValueError(f"KV cache full: {longest} + {n_tokens} tokens > max_len {self.max_len}")
@@ -115,6 +121,8 @@ class KVCache:
         lengths = torch.as_tensor(lengths, dtype=torch.long, device=self.lengths.device)
         if lengths.shape != self.lengths.shape:
             raise ValueError(f"expected {self.lengths.shape[0]} lengths, got {tuple(lengths.shape)}")
+        if bool((lengths < 0).any()) or bool((lengths > self.max_len).any()):
+            raise ValueError(f"lengths must be in [0, max_len={self.max_len}]; got {lengths.tolist()}")
         self.lengths.copy_(lengths)
         first = int(lengths[0])
         self._uniform_length = first if bool((lengths == first).all()) else None

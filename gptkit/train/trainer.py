@@ -228,6 +228,7 @@ class Trainer:
         no_sync = getattr(self.forward_model, "no_sync", None)  # DDP: all-reduce on the last micro-batch only
         for micro in range(config.grad_accum_steps):
             x, y = self.train_batches.next_batch()
+            self._batch_shape = (int(x.shape[0]), int(x.shape[-1]) if x.dim() > 1 else 1)
             last = micro == config.grad_accum_steps - 1
             with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
                 with self.precision.autocast():
@@ -349,10 +350,14 @@ class Trainer:
         return self.config.max_seconds is not None and self.train_seconds >= self.config.max_seconds
 
     def train_batches_shape(self) -> tuple[int, int]:
-        """(batch size, sequence length) of a micro-batch, for throughput accounting."""
-        batch_size = getattr(self.train_batches, "batch_size", self.config.batch_size)
-        block_size = getattr(self.train_batches, "block_size", 0)
-        return batch_size, block_size
+        """(batch size, sequence length) of the last micro-batch drawn, for throughput accounting
+        (any batch source: the shape is read off the batch itself)."""
+        shape = getattr(self, "_batch_shape", None)
+        if shape is not None:
+            return shape
+        return getattr(self.train_batches, "batch_size", self.config.batch_size), getattr(
+            self.train_batches, "block_size", 0
+        )
 
     def _log(self, metrics: StepMetrics) -> None:
         record = {

@@ -78,3 +78,32 @@ def test_generate_end_to_end(tmp_path: Path) -> None:
     again = gptkit.generate(model, tok, "hello", max_new_tokens=8, temperature=0.0)
     assert completion == again and completion.finish_reason in {"length", "eot"}
     assert tok.decode(completion.token_ids) == completion.text
+
+
+def test_load_checks_the_device_before_reading_anything(tmp_path: Path) -> None:
+    from gptkit.errors import ConfigError
+
+    write_model_files(tmp_path / "ckpt", GPT(BASE))
+    with pytest.raises(ConfigError, match=r"^device 'gpu' is not a device torch knows; use 'cpu', 'cuda'"):
+        gptkit.load(tmp_path / "ckpt", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^device 'cuda': this machine has no CUDA device"):
+            gptkit.load(tmp_path / "ckpt", device="cuda")
+    assert gptkit.load(tmp_path / "ckpt", device=torch.device("cpu")).token_embedding.weight.device.type == "cpu"
+
+
+def test_a_single_stop_string_is_one_stop_string(tmp_path: Path) -> None:
+    """stop="ab" means the string "ab", not the characters "a" and "b"."""
+    tokenizer = train_char_tokenizer(["abcdefgh "])
+    torch.manual_seed(3)
+    model = GPT(dataclasses.replace(BASE, vocab_size=tokenizer.vocab_size, init_std=0.5)).eval()
+    free = gptkit.generate(model, tokenizer, "a", max_new_tokens=24, temperature=0.0)
+    text = free.text
+    # A two-character stop string whose first occurrence comes after one of its characters has
+    # already appeared: as a string it cuts the text there; split into characters, earlier.
+    cut = next(i for i in range(1, len(text) - 1)
+               if text.find(text[i:i + 2]) == i and min(text.find(text[i]), text.find(text[i + 1])) < i)
+    stop = text[cut:cut + 2]
+    as_string = gptkit.generate(model, tokenizer, "a", max_new_tokens=24, temperature=0.0, stop=stop)
+    as_list = gptkit.generate(model, tokenizer, "a", max_new_tokens=24, temperature=0.0, stop=[stop])
+    assert as_string == as_list and as_string.text == text[:cut] and as_string.finish_reason == "stop"

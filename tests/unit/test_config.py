@@ -43,7 +43,7 @@ def test_every_bundled_recipe_loads() -> None:
         (["--train.lr=.inf"], "train.lr: must be a finite number; got inf"),
         (["--train.beta1=.nan"], "train.beta1: must be a finite number; got nan"),
         (["--data.val_fraction=-.inf"], "data.val_fraction: must be a finite number"),
-        (["--sample.temperature=.inf"], "sample.temperature: must be a finite number"),
+        (["--sample.temperature=.inf"], "temperature: must be a finite number"),
         (["--train.seed=99999999999999999999999"], "train.seed: must be in [0, 2**63 - 1]"),
         (["--sample.seed=-1"], "seed: must be in [0, 2**63 - 1]; got -1"),
         (["--model.preset=[1, 2]"], "model.preset: unknown preset [1, 2]; known presets: gpt2"),
@@ -103,3 +103,25 @@ def test_text_fields_take_the_override_as_written() -> None:
     assert (config.data.source, config.data.dir, config.train.out_dir) == ("2024", "007", "true")
     # Typed fields still parse the value.
     assert load_run_config(None, ["--train.max_steps=2024"]).train.max_steps == 2024
+
+
+def test_configs_built_in_python_check_types() -> None:
+    from gptkit.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
+
+    cases = [
+        (lambda: ModelConfig(d_model=32.0), "model.d_model: must be an integer; got 32.0"),
+        (lambda: ModelConfig(n_layer="2"), "model.n_layer: must be an integer; got '2'"),
+        (lambda: ModelConfig(bias=1), "model.bias: must be true or false; got 1"),
+        (lambda: TrainConfig(lr="1e-3"), "train.lr: must be a number; got '1e-3'"),
+        (lambda: TrainConfig(max_steps=True), "train.max_steps: must be an integer; got True"),
+        (lambda: DataConfig(source=None), "data.source: must be a string; got None"),
+        (lambda: SampleConfig(top_k=2.5), "top_k: must be an integer or null; got 2.5"),
+        (lambda: SampleConfig(stop=("a", 1)), "stop: must be a list of strings"),
+        (lambda: RunConfig(model={"n_layer": 1}), "model: must be a ModelConfig; got dict"),
+    ]
+    for build, message in cases:
+        with pytest.raises(ConfigError) as info:
+            build()
+        assert message in str(info.value)
+    # What a Python caller naturally writes still works: an int for a float, a list for a tuple.
+    assert TrainConfig(lr=1).lr == 1 and SampleConfig(stop=["a"]).stop == ["a"]

@@ -167,3 +167,47 @@ def test_bad_sampling_settings(fields: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         SampleConfig(**fields)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "prompt, options, message",
+    [
+        ([[1, 2]], {"temperature": -1.0}, "temperature: must be >= 0"),
+        ([[1, 2]], {"top_k": 0}, "top_k: must be > 0"),
+        ([[1, 2]], {"top_p": 0.0}, r"top_p: must be in \(0, 1\]"),
+        ([[1, 2]], {"repetition_penalty": 0.0}, "repetition_penalty: must be > 0"),
+        ([[1, 2]], {"max_new_tokens": -3}, "max_new_tokens: must be >= 0"),
+        ([[1, 2]], {"top_k": 2.5}, "top_k: must be an integer or null"),
+        ([1, 2], {}, r"prompt must be a \(batch, tokens\) tensor of token ids; got \(2,\)"),
+        ([[1.0, 2.0]], {}, r"prompt must be a \(batch, tokens\) tensor of token ids; got \(1, 2\)"),
+    ],
+)
+def test_decode_tokens_checks_its_arguments_when_called(model, prompt, options, message) -> None:
+    arguments = {"max_new_tokens": 4, **options}
+    with pytest.raises(RequestError, match=message):
+        decode_tokens(model, torch.tensor(prompt), **arguments)  # raised by the call, not the first step
+
+
+def test_a_tiny_temperature_is_greedy_not_nan() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]])
+    for temperature in (1e-40, 1e-30):
+        assert sample_next(logits, temperature=temperature).tolist() == [1, 0]
+
+
+def test_decoding_uses_eval_mode_and_gives_the_mode_back(tokenizer) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=48, n_layer=2, n_head=2, d_model=32,
+                         dropout=0.5)
+    model = GPT(config).train()
+    prompt = torch.tensor([tokenizer.encode("To be")])
+    runs = [[int(t) for t in decode_tokens(model, prompt, max_new_tokens=10)] for _ in range(2)]
+    assert model.training  # restored
+    model.eval()
+    assert runs[0] == runs[1] == [int(t) for t in decode_tokens(model, prompt, max_new_tokens=10)]
+    assert not model.training
+
+
+def test_a_prompt_that_is_not_text_is_a_request_error(model, tokenizer) -> None:
+    for prompt in (None, b"To be", 42):
+        with pytest.raises(RequestError, match="prompt must be a string; got"):
+            generate_text(model, tokenizer, prompt, SampleConfig(max_new_tokens=2))  # type: ignore[arg-type]

@@ -239,3 +239,20 @@ def test_prepacked_cpu_decoding_matches_the_plain_model(batch: int) -> None:
     # So does new memory under the same parameter object (p.data = ..., share_memory()).
     model.blocks[0].mlp.up.weight.data = model.blocks[0].mlp.up.weight.data.clone()
     assert packed_for_inference(model, batch_hint=batch) is not fresh
+
+
+def test_input_and_cache_mistakes_are_clear_errors() -> None:
+    model = GPT(dataclasses.replace(TINY, block_size=16)).eval()
+    with pytest.raises(ValueError, match=r"tokens must be a \(batch, time\) tensor of token ids; got \(5,\)"):
+        model(torch.arange(5))
+    with pytest.raises(ValueError, match="tokens must be a .* got list"):
+        model([[1, 2]])  # type: ignore[arg-type]
+    for batch_size, max_len in ((0, 8), (-1, 8), (1, 0)):
+        with pytest.raises(ValueError, match="KV cache (batch_size|max_len) must be a positive integer"):
+            model.new_kv_cache(batch_size, max_len)
+    cache = model.new_kv_cache(2, 8)
+    with pytest.raises(ValueError, match="3 rows of tokens for a KV cache of 2 rows"):
+        model(torch.zeros(3, 4, dtype=torch.long), kv_cache=cache)
+    for lengths in ([-3, 2], [100, 2]):
+        with pytest.raises(ValueError, match=r"lengths must be in \[0, max_len=8\]"):
+            cache.set_lengths(lengths)

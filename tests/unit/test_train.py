@@ -11,7 +11,7 @@ import torch
 from gptkit.config import TrainConfig, load_run_config
 from gptkit.errors import CheckpointError, ConfigError, TrainingError
 from gptkit.model import GPT
-from gptkit.train import resume_run_config, run_training
+from gptkit.train import Trainer, resume_run_config, run_training
 from gptkit.train.optim import build_optimizer
 from gptkit.train.schedule import learning_rate
 
@@ -381,3 +381,28 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path: Path) -
     with pytest.raises(TrainingError, match="training diverged: the weights hold inf/nan at step 1"):
         trainer.save_checkpoint()
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_throughput_counts_the_tokens_of_any_batch_source(tmp_path: Path) -> None:
+    """A batch source with no block_size attribute (only next_batch and state dicts) still gets
+    its tokens per second from the batches' own shape."""
+    from gptkit.config import ModelConfig
+
+    class Plain:
+        def next_batch(self):
+            x = torch.randint(0, 32, (3, 8))
+            return x, x
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    model = GPT(ModelConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, d_model=16))
+    trainer = Trainer(model, TrainConfig(max_steps=3, batch_size=3, warmup_steps=1, eval_interval=0,
+                                         checkpoint_interval=0), train_batches=Plain())
+    steps = []
+    summary = trainer.fit(on_step=steps.append)
+    assert summary.tokens_per_second > 0 and all(m.tokens_per_second > 0 for m in steps)
+    assert trainer.train_batches_shape() == (3, 8)
