@@ -185,8 +185,6 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
         seed=args.seed,
         stop=tuple(_unescape(stop) for stop in args.stop or ()),
     )
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: this machine has no CUDA device; use cpu or auto")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load(args.checkpoint, device=device)
     tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
@@ -364,16 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model from a YAML recipe",
         description="Train (preparing the data first if needed); checkpoints go to train.out_dir/checkpoint.",
         epilog="example: gptkit train configs/shakespeare-char.yaml --train.max_steps=200 --model.n_layer=2\n"
-        "model.preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt-micro, gpt-mini, gpt-small-cpu, ...) sets the "
-        "shape; other model keys override it.\n\n" + _fields_help("model", "data", "train"),
+        "--model.preset=NAME (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt-micro, gpt-mini, gpt-small-cpu, ...) "
+        "sets the shape over the recipe's own shape keys; other --model.* flags override the preset.\n\n" + _fields_help("model", "data", "train"),
     )
     train.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/shakespeare-char.yaml")
     modes = train.add_mutually_exclusive_group()
     modes.add_argument("--resume", action="store_true", help="continue exactly from train.out_dir/checkpoint")
     modes.add_argument(
         "--overwrite", action="store_true",
-        help="start over in a train.out_dir that holds a checkpoint (replaced at the first save; metrics.jsonl "
-        "restarts)",
+        help="start over in a train.out_dir that holds a checkpoint (the earlier run's checkpoint and "
+        "metrics.jsonl are removed once the new run is set up)",
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -50,26 +51,35 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return value is None or any(_type_ok(value, a) for a in args if a is not type(None))
     if origin is tuple:
         return isinstance(value, (tuple, list)) and all(_type_ok(v, args[0]) for v in value)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is float:  # numpy scalars too (numbers.Real), but not bool
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if annotation in (bool, str):
         return isinstance(value, annotation)
     return True
 
 
-def _finite_numbers(config: Any, section: str) -> None:
+def _check_fields(config: Any, section: str) -> None:
     """Every field of the type it is declared with, and no number inf or nan: a config built in
-    Python (not through YAML) is checked here, and a nan or inf only shows up later as a nan loss."""
+    Python (not through YAML) is checked here, and a nan or inf only shows up later as a nan loss.
+    Numbers become plain int/float (numpy scalars included) and lists become tuples, so that a
+    config compares, hashes and serialises the same however it was built."""
     prefix = f"{section}." if section != "sample" else ""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         annotation = _field_types(type(config))[f.name]
         if not _type_ok(value, annotation):
             raise ConfigError(f"{prefix}{f.name}: must be {_type_name(annotation)}; got {value!r}")
+        if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
+            value = int(value)
+        elif isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+            value = float(value)
+        elif isinstance(value, list):
+            value = tuple(value)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{prefix}{f.name}: must be a finite number; got {value}")
+        object.__setattr__(config, f.name, value)  # frozen dataclass: normalise in place
 
 
 def _type_name(annotation: Any) -> str:
@@ -124,7 +134,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        _finite_numbers(self, "model")
+        _check_fields(self, "model")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
             _positive(getattr(self, name), f"model.{name}")
         _require(
@@ -189,7 +199,7 @@ class DataConfig:
     val_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        _finite_numbers(self, "data")
+        _check_fields(self, "data")
         _choice(self.tokenizer, "data.tokenizer", ("char", "bpe"))
         _require(self.vocab_size >= 257, "data.vocab_size", f"must be >= 257; got {self.vocab_size}")
         _require(
@@ -249,7 +259,7 @@ class TrainConfig:
     dist_timeout_s: float = 1800.0  # a collective that waits longer than this fails the run
 
     def __post_init__(self) -> None:
-        _finite_numbers(self, "train")
+        _check_fields(self, "train")
         _seed(self.seed, "train.seed")
         for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_batches", "log_interval"):
             _positive(getattr(self, name), f"train.{name}")
@@ -303,7 +313,7 @@ class SampleConfig:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _finite_numbers(self, "sample")
+        _check_fields(self, "sample")
         _seed(self.seed, "seed")
         _non_negative(self.max_new_tokens, "max_new_tokens")
         _non_negative(self.temperature, "temperature")
@@ -462,11 +472,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _is_text_field(section: str, key: str) -> bool:
-    """Whether ``section.key`` holds free text (a path, a name), where ``--data.source=2024`` means
-    the string "2024", not the number YAML would read."""
+def _is_text_field(section: str, key: str, value: Any) -> bool:
+    """Whether ``section.key`` holds free text (a path, a name) that ``value`` came from: then
+    ``--data.source=2024`` means the string "2024", not the number YAML would read, and
+    ``--train.out_dir=~`` the folder "~", not null (a ``str | None`` field keeps null as None)."""
     annotation = get_type_hints(_SECTIONS[section]).get(key)
-    return annotation is str or set(get_args(annotation)) == {str, type(None)}  # str or str | None
+    if annotation is str:
+        return True
+    return set(get_args(annotation)) == {str, type(None)} and value is not None
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -484,7 +497,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple[str, ..
         current = values.setdefault(section, {})
         if not isinstance(current, dict):
             raise ConfigError(f"section '{section}' must be a mapping")
-        if value is not None and not isinstance(value, str) and _is_text_field(section, key):
+        if not isinstance(value, str) and _is_text_field(section, key, value):
             value = text.split("=", 1)[1]
         current[key] = value
         overridden.setdefault(section, set()).add(key)

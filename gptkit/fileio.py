@@ -25,7 +25,12 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _umask() -> int:
-    """The process's file-creation mask (reading it means setting it, so it is set straight back)."""
+    """The process's file-creation mask: from /proc on Linux; elsewhere by setting it and setting it
+    straight back (a moment in which another thread's new file would get the mask 0)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     umask = os.umask(0)
     os.umask(umask)
     return umask
@@ -43,8 +48,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -260,6 +260,18 @@ def _describe(source: str, tokenizer: Any, vocab_size: Any, val_fraction: Any) -
     return text
 
 
+def _same_corpus(meta: dict[str, Any], source: str) -> bool:
+    """Whether ``source`` holds the very texts the data was prepared from (the project moved, or the
+    corpus was copied): compared by size and SHA-256, read only when the paths differ."""
+    if "source_sha256" not in meta or "source_bytes" not in meta:
+        return False
+    try:
+        size, digest = corpus_fingerprint(load_documents(source))
+    except DataError:
+        return False  # not readable now: then it is not the same corpus either
+    return (size, digest) == (meta["source_bytes"], meta["source_sha256"])
+
+
 def _shown_path(source_path: str) -> str:
     """``source_path`` relative to the working directory when it lies below it (shorter to read)."""
     try:
@@ -289,7 +301,7 @@ def check_prepared_from(
     vocab_then = meta.get("requested_vocab_size")
     val_then = meta.get("val_fraction")
     differs = {
-        "source": source_then is not None and source_then != source_now,
+        "source": source_then is not None and source_then != source_now and not _same_corpus(meta, source),
         "tokenizer": tokenizer_then is not None and tokenizer_then != tokenizer,
         "vocab": tokenizer == tokenizer_then == "bpe"
         and "requested_vocab_size" in meta
@@ -302,9 +314,19 @@ def check_prepared_from(
         show_val = differs["val_fraction"]
         then = _describe(shown_then, tokenizer_then, vocab_then, val_then if show_val else None)
         now = _describe(shown_now, tokenizer, vocab_size, val_fraction if show_val else None)
+        # The settings to pass to train on the data as it is: those that differ.
+        flags = []
+        if differs["source"]:
+            flags.append(f"--data.source={meta.get('source', source_then)}")
+        if differs["tokenizer"]:
+            flags.append(f"--data.tokenizer={tokenizer_then}")
+        if tokenizer_then == "bpe" and vocab_then is not None and (differs["tokenizer"] or differs["vocab"]):
+            flags.append(f"--data.vocab_size={vocab_then}")
+        if differs["val_fraction"]:
+            flags.append(f"--data.val_fraction={val_then}")
         raise DataError(
-            f"data.dir {data_dir} was prepared from {then}; this run asks for {now}: "
-            f"use another data.dir or delete {data_dir}"
+            f"data.dir {data_dir} was prepared from {then}; this run asks for {now}: to train on that data "
+            f"pass {' '.join(flags)}, or give another data.dir for the new settings"
         )
     if "split" not in meta:
         logger.warning(

@@ -59,14 +59,19 @@ def decode_tokens(
         raise RequestError("prompt must contain at least one token")
     if prompt_len > block_size:
         raise RequestError(f"prompt is {prompt_len} tokens, longer than the model's context of {block_size} tokens")
-    return _decode_in_eval_mode(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, generator)
+    steps = _decode_steps(
+        model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, generator=generator,
+    )
+    return _in_eval_mode(model, steps)
 
 
-def _decode_in_eval_mode(model: GPT, *args) -> Iterator[torch.Tensor]:
+def _in_eval_mode(model: GPT, steps: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``steps`` drawn with ``model`` in eval mode (no dropout); its mode comes back at the end."""
     was_training = model.training
     model.eval()
     try:
-        yield from _decode_steps(model, *args)
+        yield from steps
     finally:
         model.train(was_training)
 
@@ -75,6 +80,7 @@ def _decode_in_eval_mode(model: GPT, *args) -> Iterator[torch.Tensor]:
 def _decode_steps(
     model: GPT,
     prompt: torch.Tensor,
+    *,
     max_new_tokens: int,
     temperature: float,
     top_k: int | None,

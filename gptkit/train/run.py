@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from gptkit.config import RunConfig, TrainConfig, apply_overrides, run_config_fr
 from gptkit.data import load_meta, prepare_dataset
 from gptkit.data.loader import BatchLoader, eval_batches
 from gptkit.distributed.mesh import ParallelDims
-from gptkit.distributed.setup import init_distributed
+from gptkit.distributed.setup import barrier, init_distributed
 from gptkit.errors import CheckpointError, ConfigError
 from gptkit.model.gpt import GPT
 from gptkit.train.trainer import StepMetrics, Trainer, TrainSummary
@@ -144,21 +145,19 @@ def start_run(
     """A trainer ready to ``fit``; with ``resume`` it continues from ``<out_dir>/checkpoint``.
 
     Without ``resume``, a checkpoint already in train.out_dir is a ConfigError unless
-    ``overwrite``: the new run then writes a fresh metrics.jsonl and replaces the old checkpoint
-    at its first save. ``resume`` and ``overwrite`` together are a ConfigError.
+    ``overwrite``: once the new run is set up, the old run's checkpoint and metrics.jsonl are
+    removed, so the directory never mixes two runs. ``resume`` and ``overwrite`` together are a
+    ConfigError.
     """
     from gptkit.train.checkpointing import check_run_directory
 
     # Before data preparation and model building: a bad out_dir fails in a second, not after a run.
     found_step = check_run_directory(config.train.out_dir, resume=resume, overwrite=overwrite)
     if resume and found_step is not None and found_step > config.train.max_steps:
-        raise ConfigError(
-            f"train.max_steps {config.train.max_steps} is below the checkpoint's step {found_step}; "
-            "give a larger train.max_steps to continue"
-        )
-    if overwrite and found_step is not None:
-        logger.warning("train.out_dir %s: replacing the run at step %d (--overwrite)", config.train.out_dir, found_step)
+        raise _max_steps_below(config.train.max_steps, found_step)
     trainer = build_trainer(config, progress=progress)
+    if overwrite and found_step is not None:
+        _start_over(Path(config.train.out_dir), found_step, is_main=trainer.is_main)
     if resume:
         checkpoint_dir = trainer.checkpoint_dir
         assert checkpoint_dir is not None
@@ -175,10 +174,7 @@ def start_run(
             raise CheckpointError(f"cannot resume {checkpoint_dir}: the model config changed ({'; '.join(diffs)})")
         trainer.resume(checkpoint_dir)
         if trainer.step > config.train.max_steps:
-            raise ConfigError(
-                f"train.max_steps {config.train.max_steps} is below the checkpoint's step {trainer.step}; "
-                "give a larger train.max_steps to continue"
-            )
+            raise _max_steps_below(config.train.max_steps, trainer.step)
         if trainer.step == config.train.max_steps:
             logger.info(
                 "checkpoint is already at step %d = train.max_steps; nothing to train "
@@ -186,6 +182,21 @@ def start_run(
                 trainer.step,
             )
     return trainer
+
+
+def _max_steps_below(max_steps: int, step: int) -> ConfigError:
+    return ConfigError(
+        f"train.max_steps {max_steps} is below the checkpoint's step {step}; give a larger train.max_steps to continue"
+    )
+
+
+def _start_over(out_dir: Path, step: int, *, is_main: bool) -> None:
+    """--overwrite: remove the earlier run's checkpoint and metrics log before the new run writes."""
+    if is_main:
+        logger.warning("train.out_dir %s: removing the earlier run (step %d), as --overwrite asks", out_dir, step)
+        shutil.rmtree(out_dir / "checkpoint")
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    barrier()  # no rank writes before the old run is gone
 
 
 def run_training(

@@ -126,6 +126,7 @@ class Trainer:
         self.train_seconds = 0.0  # wall-clock spent in fit() over all sessions of this run
         self.current_lr = 0.0
         self.skipped_steps = 0  # fp16 steps skipped for inf/nan gradients, this session
+        self._batch_shape: tuple[int, int] | None = None  # (B, T) of the last micro-batch, for tokens/s
         self.last_checkpoint_step: int | None = None  # of this run (resumed from or saved), for messages
         # A run that did not resume starts metrics.jsonl afresh: the first record replaces any
         # file an earlier run left there instead of appending to its log.
@@ -352,9 +353,8 @@ class Trainer:
     def train_batches_shape(self) -> tuple[int, int]:
         """(batch size, sequence length) of the last micro-batch drawn, for throughput accounting
         (any batch source: the shape is read off the batch itself)."""
-        shape = getattr(self, "_batch_shape", None)
-        if shape is not None:
-            return shape
+        if self._batch_shape is not None:
+            return self._batch_shape
         return getattr(self.train_batches, "batch_size", self.config.batch_size), getattr(
             self.train_batches, "block_size", 0
         )

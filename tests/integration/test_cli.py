@@ -114,7 +114,7 @@ def test_convert_to_hugging_face_and_back(trained: Path, workdir: Path) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_generate_on_cuda_without_cuda(trained: Path, workdir: Path) -> None:
     assert_one_line_error(gptkit("generate", "run", "--device", "cuda", cwd=workdir, check=False),
-                          "--device cuda: this machine has no CUDA device")
+                          "device 'cuda': this machine has no CUDA device")
 
 
 def test_generate_stop_escape_and_bad_options(trained: Path, workdir: Path, tmp_path: Path) -> None:

@@ -101,6 +101,7 @@ def test_preset_override_outranks_the_recipe_shape(tmp_path: Path) -> None:
 def test_text_fields_take_the_override_as_written() -> None:
     config = load_run_config(None, ["--data.source=2024", "--data.dir=007", "--train.out_dir=true"])
     assert (config.data.source, config.data.dir, config.train.out_dir) == ("2024", "007", "true")
+    assert load_run_config(None, ["--train.out_dir=~"]).train.out_dir == "~"  # not YAML's null
     # Typed fields still parse the value.
     assert load_run_config(None, ["--train.max_steps=2024"]).train.max_steps == 2024
 
@@ -124,4 +125,9 @@ def test_configs_built_in_python_check_types() -> None:
             build()
         assert message in str(info.value)
     # What a Python caller naturally writes still works: an int for a float, a list for a tuple.
-    assert TrainConfig(lr=1).lr == 1 and SampleConfig(stop=["a"]).stop == ["a"]
+    assert TrainConfig(lr=1).lr == 1 and SampleConfig(stop=["a"]).stop == ("a",)
+    import numpy as np
+
+    config = TrainConfig(lr=np.float32(0.5), max_steps=np.int64(7))
+    assert (type(config.lr), type(config.max_steps), config.max_steps) == (float, int, 7)
+    assert hash(SampleConfig(stop=["a"])) == hash(SampleConfig(stop=("a",)))

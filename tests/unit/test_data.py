@@ -520,26 +520,29 @@ def prepared_txt(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("overrides", "then", "now"),
+    ("overrides", "then", "now", "flags"),
     [
         (
             ["--data.source=b.jsonl", "--data.tokenizer=bpe", "--data.vocab_size=1000"],
             "a.txt with the char tokenizer;",
             "b.jsonl with the bpe tokenizer (vocab 1000):",
+            "--data.source=a.txt --data.tokenizer=char",
         ),
         (
             ["--data.tokenizer=bpe"],
             "a.txt with the char tokenizer;",
             "a.txt with the bpe tokenizer (vocab 4096):",
+            "--data.tokenizer=char",
         ),
         (
             ["--data.val_fraction=0.2"],
             "a.txt with the char tokenizer, val_fraction 0.1;",
             "a.txt with the char tokenizer, val_fraction 0.2:",
+            "--data.val_fraction=0.1",
         ),
     ],
 )
-def test_train_refuses_data_prepared_from_other_settings(prepared_txt, overrides, then, now):
+def test_train_refuses_data_prepared_from_other_settings(prepared_txt, overrides, then, now, flags):
     from gptkit.train.run import ensure_prepared
 
     before = (prepared_txt / "meta.json").read_bytes()
@@ -549,7 +552,7 @@ def test_train_refuses_data_prepared_from_other_settings(prepared_txt, overrides
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"data.dir data/x was prepared from {then} this run asks for {now}")
-    assert message.endswith("use another data.dir or delete data/x")
+    assert message.endswith(f"to train on that data pass {flags}, or give another data.dir for the new settings")
     assert (prepared_txt / "meta.json").read_bytes() == before  # nothing was re-prepared
 
 
@@ -744,3 +747,17 @@ def test_eval_batches_are_stable_and_cover_the_split(dataset):
     # Capped by how many windows fit: never more than the split holds.
     many = eval_batches(dataset, "val", batch_size=2, block_size=T, max_batches=10_000)
     assert 2 * len(many) <= (len(everything) - 1) // T
+
+
+def test_a_moved_corpus_with_the_same_text_is_the_same_data(prepared_txt):
+    """The project moved (or the corpus was copied): the path differs, the texts do not."""
+    from gptkit.train.run import ensure_prepared
+
+    Path("moved").mkdir()
+    Path("moved/a.txt").write_bytes(Path("a.txt").read_bytes())
+    before = (prepared_txt / "meta.json").read_bytes()
+    assert ensure_prepared(run_config("moved/a.txt", "data/x"))["vocab_size"] > 0
+    assert (prepared_txt / "meta.json").read_bytes() == before  # reused, not re-prepared
+    Path("moved/a.txt").write_text(Path("a.txt").read_text() + " changed")
+    with pytest.raises(DataError, match="was prepared from a.txt .* this run asks for moved/a.txt"):
+        ensure_prepared(run_config("moved/a.txt", "data/x"))

@@ -103,7 +103,7 @@ def test_a_failing_save_keeps_the_previous_checkpoint(corpus: Path, tmp_path: Pa
 
     monkeypatch.setattr(checkpointing, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left on device"):
-        run_training(load_run_config(None, recipe(corpus, out, max_steps=4)), overwrite=True)
+        run_training(resume_run_config(config, ["--train.max_steps=4"]), resume=True)
     assert (out / "checkpoint" / "model.safetensors").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
@@ -186,12 +186,22 @@ def test_a_fresh_run_refuses_an_out_dir_that_holds_a_checkpoint(corpus: Path, tm
     assert metrics_steps(out) == [1, 2, 3]
 
 
-def test_overwrite_starts_a_new_log_and_replaces_the_checkpoint(corpus: Path, tmp_path: Path) -> None:
+def test_overwrite_starts_a_new_log_and_replaces_the_checkpoint(corpus: Path, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "run"
     run_training(load_run_config(None, recipe(corpus, out, max_steps=4)))
     run_training(load_run_config(None, recipe(corpus, out, max_steps=2)), overwrite=True)
     assert metrics_steps(out) == [1, 2]  # replaced, not appended to (was 1..4 then 1, 2)
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    # A new run that dies before its first save leaves no mix of two runs: the old one is gone.
+    import gptkit.train.checkpointing as checkpointing
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpointing, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        run_training(load_run_config(None, recipe(corpus, out, max_steps=3)), overwrite=True)
+    assert not (out / "checkpoint").exists() and metrics_steps(out) == [1, 2, 3]
 
 
 def test_resume_and_overwrite_together_is_an_error(corpus: Path, tmp_path: Path) -> None:
