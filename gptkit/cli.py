@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument(
         "--overwrite", action="store_true",
         help="start over in a train.out_dir that holds a checkpoint (the earlier run's checkpoint and "
-        "metrics.jsonl are removed once the new run is set up)",
+        "metrics.jsonl wait in checkpoint.previous and metrics.previous.jsonl until the new run's first save)",
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)

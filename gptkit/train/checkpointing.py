@@ -390,11 +390,12 @@ def load_sharded_training_state(directory: Path, model: GPT, optimizer: torch.op
     options = StateDictOptions(full_state_dict=reorder and not is_replicated(model))
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     check_sharded_shapes(shard_dir, {MODEL_PREFIX + k: v for k, v in model_state.items()}, "model")
-    # The optimizer's grouping follows this run's layout (TP/FSDP split groups by device mesh),
-    # and its hyper-parameters come from the run config (lr is set every step): keep the current
-    # param_groups, take only the per-parameter state (keyed by name) from the checkpoint.
+    # The optimizer's grouping follows this run's layout (TP/FSDP split groups by device mesh, so
+    # a DDP run has 2 groups where a TP run has 4), and its hyper-parameters come from the run
+    # config (lr is set every step): read only the per-parameter state (keyed by name) from the
+    # checkpoint, never its param_groups, and keep this run's.
     current_groups = copy.deepcopy(optim_state["param_groups"])
-    everything = {"model": model_state, "optim": optim_state}
+    everything = {"model": model_state, "optim": {"state": optim_state["state"]}}
     load_sharded(everything, shard_dir)
     everything["optim"]["param_groups"] = current_groups
     if reorder:

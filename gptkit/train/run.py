@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from gptkit.distributed.mesh import ParallelDims
 from gptkit.distributed.setup import barrier, init_distributed
 from gptkit.errors import CheckpointError, ConfigError
 from gptkit.model.gpt import GPT
-from gptkit.train.trainer import StepMetrics, Trainer, TrainSummary
+from gptkit.train.trainer import PREVIOUS_CHECKPOINT, PREVIOUS_METRICS, StepMetrics, Trainer, TrainSummary
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +146,10 @@ def start_run(
     """A trainer ready to ``fit``; with ``resume`` it continues from ``<out_dir>/checkpoint``.
 
     Without ``resume``, a checkpoint already in train.out_dir is a ConfigError unless
-    ``overwrite``: once the new run is set up, the old run's checkpoint and metrics.jsonl are
-    removed, so the directory never mixes two runs. ``resume`` and ``overwrite`` together are a
-    ConfigError.
+    ``overwrite``: once the new run is set up, the old run's checkpoint and metrics.jsonl are moved
+    aside (``checkpoint.previous``, ``metrics.previous.jsonl``) and deleted at the new run's first
+    save, so the directory never mixes two runs and a new run that fails early loses nothing.
+    ``resume`` and ``overwrite`` together are a ConfigError.
     """
     from gptkit.train.checkpointing import check_run_directory
 
@@ -191,12 +193,19 @@ def _max_steps_below(max_steps: int, step: int) -> ConfigError:
 
 
 def _start_over(out_dir: Path, step: int, *, is_main: bool) -> None:
-    """--overwrite: remove the earlier run's checkpoint and metrics log before the new run writes."""
+    """--overwrite: move the earlier run's checkpoint and metrics log aside before the new run
+    writes (the trainer deletes them at its first save; see ``Trainer.save_checkpoint``)."""
     if is_main:
-        logger.warning("train.out_dir %s: removing the earlier run (step %d), as --overwrite asks", out_dir, step)
-        shutil.rmtree(out_dir / "checkpoint")
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    barrier()  # no rank writes before the old run is gone
+        logger.warning(
+            "train.out_dir %s: the earlier run (step %d) is moved to %s until this run saves its first checkpoint",
+            out_dir, step, PREVIOUS_CHECKPOINT,
+        )
+        for name, aside in (("checkpoint", PREVIOUS_CHECKPOINT), ("metrics.jsonl", PREVIOUS_METRICS)):
+            if (out_dir / aside).is_dir():
+                shutil.rmtree(out_dir / aside)
+            if (out_dir / name).exists():
+                os.replace(out_dir / name, out_dir / aside)
+    barrier()  # no rank writes before the old run is out of the way
 
 
 def run_training(

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,10 @@ from gptkit.train.optim import build_optimizer
 from gptkit.train.schedule import learning_rate
 
 logger = logging.getLogger(__name__)
+
+# Where `gptkit train --overwrite` keeps the earlier run until this run's first checkpoint.
+PREVIOUS_CHECKPOINT = "checkpoint.previous"
+PREVIOUS_METRICS = "metrics.previous.jsonl"
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -347,6 +352,16 @@ class Trainer:
             finite = bool(flag.item() == 1.0)
         return finite
 
+    def _drop_previous_run(self) -> None:
+        """An earlier run that ``--overwrite`` moved aside goes once this run has a checkpoint."""
+        if not self.is_main or self.out_dir is None:
+            return
+        previous = self.out_dir / PREVIOUS_CHECKPOINT
+        if previous.is_dir():
+            shutil.rmtree(previous)
+            logger.info("removed the earlier run's %s", previous)
+        (self.out_dir / PREVIOUS_METRICS).unlink(missing_ok=True)
+
     def _out_of_time(self) -> bool:
         return self.config.max_seconds is not None and self.train_seconds >= self.config.max_seconds
 
@@ -413,6 +428,7 @@ class Trainer:
         )
         self.last_checkpoint_step = self.step
         logger.info("saved %scheckpoint at step %d to %s", "sharded " if sharded else "", self.step, directory)
+        self._drop_previous_run()
         return directory
 
     # ------------------------------------------------------------------ per-rank random state

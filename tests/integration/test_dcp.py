@@ -248,6 +248,20 @@ def test_one_process_checkpoint_resumes_on_two_tp_ranks_exactly(workdir: Path) -
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_two_rank_fsdp_checkpoint_resumes_on_two_tp_ranks_exactly(workdir: Path) -> None:  # noqa: F811
+    """FSDP's optimizer has 2 parameter groups, TP's 4 (split by device mesh): the resume reads
+    the per-parameter state by name and keeps this run's groups."""
+    schedule = (f"--train.lr_decay_steps={2 * N}",)
+    cli_train(workdir, f"--train.batch_size={2 * B}", f"--train.max_steps={2 * N}", *schedule, "--train.out_dir=straight")
+    torchrun_train(workdir, "--train.strategy=fsdp", f"--train.batch_size={B}", f"--train.max_steps={N}", *schedule,
+                   "--train.out_dir=split")
+    torchrun_train(workdir, "--resume", "--train.out_dir=split", "--train.strategy=tp", f"--train.batch_size={2 * B}",
+                   f"--train.max_steps={2 * N}")
+    assert_same_losses(losses(workdir / "straight"), losses(workdir / "split"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_fsdp_tp_2x2_checkpoint_resumes_on_two_tp_ranks_exactly(workdir: Path) -> None:  # noqa: F811
     """dp=2 x tp=2 (4 ranks, batch 2 per dp group) -> tp=2 on 2 ranks with batch 4: the 2-D
     DTensors reshard onto a 1-D mesh and the data position (global batch 4) carries over."""

@@ -192,7 +192,10 @@ def test_overwrite_starts_a_new_log_and_replaces_the_checkpoint(corpus: Path, tm
     run_training(load_run_config(None, recipe(corpus, out, max_steps=2)), overwrite=True)
     assert metrics_steps(out) == [1, 2]  # replaced, not appended to (was 1..4 then 1, 2)
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
-    # A new run that dies before its first save leaves no mix of two runs: the old one is gone.
+    assert not (out / "checkpoint.previous").exists() and not (out / "metrics.previous.jsonl").exists()
+    # A new run that dies before its first save leaves no mix of two runs, and loses nothing: the
+    # earlier run waits aside until the new one has a checkpoint.
+    weights = (out / "checkpoint" / "model.safetensors").read_bytes()
     import gptkit.train.checkpointing as checkpointing
 
     def disk_full(*args, **kwargs):
@@ -202,6 +205,8 @@ def test_overwrite_starts_a_new_log_and_replaces_the_checkpoint(corpus: Path, tm
     with pytest.raises(OSError, match="No space left on device"):
         run_training(load_run_config(None, recipe(corpus, out, max_steps=3)), overwrite=True)
     assert not (out / "checkpoint").exists() and metrics_steps(out) == [1, 2, 3]
+    assert (out / "checkpoint.previous" / "model.safetensors").read_bytes() == weights
+    assert [json.loads(line)["step"] for line in (out / "metrics.previous.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_resume_and_overwrite_together_is_an_error(corpus: Path, tmp_path: Path) -> None:
