@@ -81,6 +81,11 @@ PRECISIONS = ("bf16", "fp32")
 MEMORY_MARGIN = 0.9  # plan to use at most this share of a GPU's memory
 TOKENS_PER_PARAM = 20  # compute-optimal (Hoffmann et al., 2022)
 DEFAULT_TOKENS_PER_STEP = 2**19  # default global batch: about half a million tokens
+# Sanity bounds on inputs: far beyond any real run (Llama 3 405B: 1.5e13 tokens on 16K GPUs), and
+# small enough that every number stays a finite float.
+MAX_TOKENS = 1e18
+MAX_GPUS = 1_000_000
+MAX_INT = 2**53  # seq_len, global_batch, micro_batch, tp
 
 # Bytes per parameter of model state: (weights, gradients, optimizer state).
 # bf16: bf16 weights and gradients, fp32 master weights + Adam m + Adam v in the optimizer (Rajbhandari
@@ -231,8 +236,9 @@ class Plan:
         return self.global_batch * self.seq_len
 
     @property
-    def steps(self) -> float:
-        return self.tokens / self.tokens_per_step
+    def steps(self) -> int:
+        """Optimizer steps to see ``tokens``, the last one partial (at least 1)."""
+        return max(1, math.ceil(self.tokens / self.tokens_per_step))
 
     @property
     def train_days(self) -> float:
@@ -244,10 +250,18 @@ def _check_positive(value: float, name: str) -> None:
         raise ConfigError(f"{name}: must be > 0; got {value!r}")
 
 
-def _check_int(value: Any, name: str) -> None:
+def _check_int(value: Any, name: str, maximum: int = MAX_INT) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name}: must be an integer; got {value!r}")
     _check_positive(value, name)
+    if value > maximum:
+        raise ConfigError(f"{name}: must be <= {maximum:,}; got {value:,}")
+
+
+def _check_tokens(value: Any) -> None:
+    _check_positive(value, "tokens")
+    if not value <= MAX_TOKENS:  # also catches inf (nan is not > 0)
+        raise ConfigError(f"tokens: must be a finite number <= {MAX_TOKENS:.0e}; got {value!r}")
 
 
 def _gpu(name: str) -> tuple[str, GPUSpec]:
@@ -295,8 +309,34 @@ def _memory(c: ModelConfig, n: int, layout: Layout, seq_len: int, precision: str
     )
 
 
+def _layout_error(c: ModelConfig, strategy: str, gpus: int, tp: int) -> str | None:
+    """Why ``gptkit train`` would refuse ``strategy`` with TP degree ``tp`` on ``gpus`` ranks (a one-line
+    message naming the flag), or None when it runs. Mirrors TrainConfig's checks of tp_size and
+    gptkit.distributed.mesh.ParallelDims (from_config and validate_model) without importing torch."""
+    if strategy in ("ddp", "fsdp"):
+        if tp != 1:
+            return f"tp: a degree of {tp} needs --strategy tp or fsdp+tp; got {strategy}"
+    elif strategy == "tp":
+        if tp != gpus:
+            return (f"tp: strategy tp runs one TP group over all {gpus} GPUs, so --tp must be {gpus}; got {tp} "
+                    "(use --strategy fsdp+tp to add data parallelism)")
+    elif strategy == "fsdp+tp":
+        if tp < 2:
+            return f"tp: fsdp+tp needs a TP degree >= 2 (use --strategy fsdp for none); got {tp}"
+        if gpus % tp or gpus < 2 * tp:
+            return (f"gpus: fsdp+tp with a TP degree of {tp} needs a multiple of {tp} GPUs and at least {2 * tp} "
+                    f"(2 data-parallel groups); got {gpus}")
+    if tp > 1:
+        whole = math.gcd(c.n_head, c.kv_heads, c.mlp_hidden)
+        for field, value in (("n_head", c.n_head), ("n_kv_head", c.kv_heads), ("d_ff", c.mlp_hidden)):
+            if value % tp:
+                return (f"tp: model.{field} ({value}) is not divisible by the TP degree {tp}; each GPU must hold "
+                        f"whole heads and hidden units, so the TP degree must divide {whole}")
+    return None
+
+
 def _valid_layout(c: ModelConfig, layout: Layout, global_batch: int) -> bool:
-    if layout.gpus % layout.tp or c.n_head % layout.tp:
+    if _layout_error(c, layout.strategy, layout.gpus, layout.tp) is not None:
         return False
     dp = layout.gpus // layout.tp
     return global_batch % dp == 0 and (global_batch // dp) % layout.micro_batch == 0
@@ -307,39 +347,56 @@ def _smaller_divisors(per_gpu: int, below: int) -> list[int]:
     return [m for m in range(min(below, per_gpu + 1) - 1, 0, -1) if per_gpu % m == 0]
 
 
+def _structures(c: ModelConfig, layout: Layout, gpus: int) -> list[tuple[str, int]]:
+    """(strategy, tp) layouts ``gptkit train`` accepts on ``gpus`` GPUs, in the order to try them."""
+    if gpus == layout.gpus:  # the same GPUs: the cheapest change first
+        options = [(layout.strategy, layout.tp), ("fsdp", 1)]
+        options += [("fsdp+tp", t) for t in (2, 4, 8)]  # tensor parallelism within a node (NVLink)
+    else:  # more GPUs: the deepest sharding first
+        options = [("fsdp+tp", t) for t in sorted({8, 4, 2, layout.tp}, reverse=True) if t > 1]
+        options.append(("fsdp", 1))
+    if gpus <= 8:
+        options.append(("tp", gpus))  # one TP group over all GPUs (of one node)
+    out: list[tuple[str, int]] = []
+    for option in options:
+        if option not in out and _layout_error(c, option[0], gpus, option[1]) is None:
+            out.append(option)
+    return out
+
+
 def _suggest(c: ModelConfig, n: int, layout: Layout, global_batch: int, seq_len: int, precision: str,
-             usable: float) -> str:
-    """Try alternatives from the cheapest change to the most expensive; name the first that fits."""
-    structures: list[tuple[str, int, int]] = [(layout.strategy, layout.tp, layout.gpus)]
-    if layout.strategy in ("ddp", "tp"):
-        structures.append(("fsdp" if layout.tp == 1 else "fsdp+tp", layout.tp, layout.gpus))
-    for tp in (2, 4, 8):  # tensor parallelism within a node (NVLink), 8 GPUs at most
-        if tp > layout.tp:
-            structures.append(("fsdp+tp", tp, layout.gpus))
-    for k in range(1, 13):  # then more GPUs, with the deepest sharding
+             usable: float, gpu_name: str) -> str:
+    """Try alternatives from the cheapest change to the most expensive; name the first that fits.
+
+    Only layouts ``gptkit train`` accepts are tried (see :func:`_layout_error`), and only those whose
+    data-parallel degree divides ``global_batch``: first on the same GPUs, then on 2x, 4x, ... 4096x."""
+    for k in range(13):
         gpus = layout.gpus * 2**k
-        tp = max([t for t in (1, 2, 4, 8) if c.n_head % t == 0 and gpus % t == 0 and t >= layout.tp]
-                 or [layout.tp])
-        structures.append(("fsdp+tp" if tp > 1 else "fsdp", tp, gpus))
-    for strategy, tp, gpus in structures:
-        dp = gpus // tp
-        if global_batch % dp:
-            continue
-        per_gpu = global_batch // dp
-        micros = [per_gpu if gpus != layout.gpus else layout.micro_batch]
-        micros += _smaller_divisors(per_gpu, micros[0])
-        tries = [(layout.checkpointing, m) for m in micros] + [(True, m) for m in micros]
-        for checkpointing, micro in tries:
-            candidate = Layout(strategy, gpus, tp, micro, checkpointing)
-            if candidate == layout or not _valid_layout(c, candidate, global_batch):
+        for strategy, tp in _structures(c, layout, gpus):
+            dp = gpus // tp
+            if global_batch % dp:
                 continue
-            memory = _memory(c, n, candidate, seq_len, precision)
-            if memory.total <= usable:
-                accum = per_gpu // micro
-                note = f" (gradient accumulation {accum})" if accum > 1 else ""
-                return (f"{candidate.flags(layout)}: {_bytes(memory.total)} of {_bytes(usable)} per GPU"
-                        f"{note}")
-    return "nothing tried fits (up to 4096x the GPUs); use a smaller model or shorter sequences"
+            per_gpu = global_batch // dp
+            micros = [layout.micro_batch if gpus == layout.gpus and layout.micro_batch <= per_gpu else per_gpu]
+            micros += _smaller_divisors(per_gpu, micros[0])
+            tries = [(layout.checkpointing, m) for m in micros] + [(True, m) for m in micros]
+            for checkpointing, micro in tries:
+                candidate = Layout(strategy, gpus, tp, micro, checkpointing)
+                if candidate == layout or not _valid_layout(c, candidate, global_batch):
+                    continue
+                memory = _memory(c, n, candidate, seq_len, precision)
+                if memory.total <= usable:
+                    accum = per_gpu // micro
+                    note = f" (gradient accumulation {accum})" if accum > 1 else ""
+                    found = (f"{candidate.flags(layout)}: {_bytes(memory.total)} of {_bytes(usable)} per GPU"
+                             f"{note}")
+                    if k == 0:
+                        return found
+                    return (f"does not fit on {layout.gpus} x {gpu_name} with any strategy; needs about {gpus} "
+                            f"GPUs: {found}")
+    return (f"does not fit on {layout.gpus} x {gpu_name} with any strategy, nor on up to "
+            f"{layout.gpus * 2**12} GPUs at global batch {global_batch}; use a smaller model, shorter sequences "
+            "or another --global-batch")
 
 
 def plan(
@@ -360,10 +417,12 @@ def plan(
     """Plan a training run of ``config`` (a ModelConfig or a preset name).
 
     ``seq_len`` defaults to the model's block size; ``global_batch`` (sequences per optimizer step)
-    to about 2**19 tokens, rounded up to a multiple of the data-parallel degree; ``micro_batch``
-    (sequences per GPU per forward) to global_batch / data-parallel degree, i.e. no gradient
-    accumulation; ``tp`` to 1 for ddp/fsdp and 8 (or the largest of 4, 2, 1 that divides n_head and
-    gpus) for tp/fsdp+tp; ``tokens`` to 20 per parameter. Raises ConfigError naming the bad field.
+    to about 2**19 tokens (no more than ``tokens``), rounded up to a multiple of the data-parallel
+    degree; ``micro_batch`` (sequences per GPU per forward) to global_batch / data-parallel degree,
+    i.e. no gradient accumulation; ``tp`` to 1 for ddp/fsdp, to ``gpus`` for tp (one TP group over
+    all GPUs, as ``gptkit train`` runs it) and to the largest of 8, 4, 2 that leaves at least two
+    data-parallel groups for fsdp+tp; ``tokens`` to 20 per parameter. Layouts ``gptkit train``
+    refuses are refused here too. Raises ConfigError naming the bad field.
     """
     c, preset = resolve_model(config)
     gpu_key, spec = _gpu(gpu)
@@ -371,7 +430,7 @@ def plan(
         raise ConfigError(f"strategy: must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision: must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    _check_int(gpus, "gpus")
+    _check_int(gpus, "gpus", MAX_GPUS)
     if not (isinstance(mfu, (int, float)) and 0 < mfu <= 1):
         raise ConfigError(f"mfu: must be in (0, 1]; got {mfu!r}")
     seq_len = c.block_size if seq_len is None else seq_len
@@ -382,22 +441,45 @@ def plan(
         )
     if tp is None:
         tp = 1
-        if "tp" in strategy:
-            tp = next(t for t in (8, 4, 2, 1) if c.n_head % t == 0 and gpus % t == 0)
+        if strategy == "tp":
+            tp = gpus
+            error = _layout_error(c, strategy, gpus, tp)
+            if error is not None:  # the user gave no --tp: name the GPU count
+                raise ConfigError(f"gpus: strategy tp splits the model over all {gpus} GPUs; {error[4:]}")
+        elif strategy == "fsdp+tp":
+            tp = next((t for t in (8, 4, 2) if _layout_error(c, strategy, gpus, t) is None), 2)
     _check_int(tp, "tp")
-    if tp > 1 and "tp" not in strategy:
-        raise ConfigError(f"tp: a degree of {tp} needs --strategy tp or fsdp+tp; got {strategy}")
-    if c.n_head % tp:
-        raise ConfigError(f"tp: n_head ({c.n_head}) must be divisible by the TP degree; got --tp {tp}")
-    if gpus % tp:
-        raise ConfigError(f"gpus: must be divisible by the TP degree ({tp}); got {gpus}")
+    error = _layout_error(c, strategy, gpus, tp)
+    if error is not None:
+        raise ConfigError(error)
     dp = gpus // tp
+    n, n_body = count_parameters(c)
+    tokens_default = tokens is None
+    tokens = float(TOKENS_PER_PARAM * n) if tokens is None else tokens
+    _check_tokens(tokens)
     if global_batch is None:
-        global_batch = dp * max(1, math.ceil(DEFAULT_TOKENS_PER_STEP / seq_len / dp))
+        # About 2**19 tokens a step, but no more than the whole budget; a multiple of dp, at least dp.
+        per_rank = min(math.ceil(DEFAULT_TOKENS_PER_STEP / seq_len / dp), math.floor(tokens / seq_len / dp))
+        global_batch = dp * max(1, per_rank)
+        if global_batch * seq_len > tokens and dp == 1:
+            raise ConfigError(
+                f"tokens: {tokens:.3g} is less than one sequence of seq_len {seq_len} tokens; raise --tokens"
+            )
+        if global_batch * seq_len > tokens:
+            raise ConfigError(
+                f"gpus: {gpus} GPUs make {dp} data-parallel ranks, which take at least {dp} sequences x {seq_len} "
+                f"tokens = {dp * seq_len:,} tokens per step, more than the {tokens:.3g} training tokens; "
+                "use fewer GPUs (or more --tokens)"
+            )
     _check_int(global_batch, "global_batch")
     if global_batch % dp:
         raise ConfigError(
             f"global_batch: must be divisible by the data-parallel degree (gpus / tp = {dp}); got {global_batch}"
+        )
+    if global_batch * seq_len > tokens:
+        raise ConfigError(
+            f"tokens: {tokens:.3g} is less than one optimizer step (global_batch {global_batch} x seq_len "
+            f"{seq_len} = {global_batch * seq_len:,} tokens); raise --tokens or lower --global-batch"
         )
     per_gpu = global_batch // dp
     micro_batch = per_gpu if micro_batch is None else micro_batch
@@ -406,10 +488,6 @@ def plan(
         raise ConfigError(
             f"micro_batch: must divide global_batch / data-parallel degree ({per_gpu}); got {micro_batch}"
         )
-    n, n_body = count_parameters(c)
-    tokens_default = tokens is None
-    tokens = float(TOKENS_PER_PARAM * n) if tokens is None else tokens
-    _check_positive(tokens, "tokens")
 
     dense = 6.0 * n
     attention = 12.0 * c.n_layer * c.d_model * seq_len
@@ -421,7 +499,7 @@ def plan(
     usable = spec.memory_bytes * MEMORY_MARGIN
     fits = memory.total <= usable
     fits_ckpt = memory.states + memory.activations_checkpointed <= usable
-    suggestion = None if fits else _suggest(c, n, layout, global_batch, seq_len, precision, usable)
+    suggestion = None if fits else _suggest(c, n, layout, global_batch, seq_len, precision, usable, spec.name)
     throughput = gpus * peak * mfu
     return Plan(
         config=c,
@@ -556,7 +634,8 @@ _SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
 
 def parse_quantity(text: str, name: str) -> float:
-    """``300e9``, ``300B``, ``1.4T`` or ``2_000_000`` -> a float; ConfigError naming ``name`` otherwise."""
+    """``300e9``, ``300B``, ``1.4T`` or ``2_000_000`` -> a finite float; ConfigError naming ``name``
+    otherwise. An exponent and a suffix together (``3e11B``) are refused as ambiguous."""
     match = re.fullmatch(r"\s*([0-9_.eE+-]+)\s*([KMBGT]?)\s*", str(text), flags=re.IGNORECASE)
     try:
         if match is None:
@@ -564,6 +643,10 @@ def parse_quantity(text: str, name: str) -> float:
         value = float(match.group(1)) * _SUFFIXES.get(match.group(2).upper(), 1.0)
     except ValueError:
         raise ConfigError(f"{name}: not a number; got {text!r} (write 300e9 or 300B)") from None
+    if match.group(2) and "e" in match.group(1).lower():
+        raise ConfigError(f"{name}: use an exponent or a suffix, not both; got {text!r} (write 300e9 or 300B)")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}: must be a finite number; got {text!r}")
     return value
 
 

@@ -144,3 +144,169 @@ def test_cli_plan_prints_the_table() -> None:
     assert "3.14e+23" in result.stdout
     assert "174,604,259,328" in result.stdout
     assert "2.79 TB" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts: the planner never crashes, and accepts and suggests only what `gptkit train` runs
+# ---------------------------------------------------------------------------------------------
+
+
+def _apply_suggestion(suggestion: str, kwargs: dict) -> dict:
+    """The plan() keyword arguments of ``kwargs`` changed by the flags a suggestion names."""
+    text = suggestion.split(" GPUs: ", 1)[1] if "needs about" in suggestion else suggestion
+    flags = text.split(":")[0].split()
+    out = dict(kwargs)
+    if "--strategy" in flags:
+        out["tp"] = 1
+    names = {"--strategy": "strategy", "--tp": "tp", "--gpus": "gpus", "--micro-batch": "micro_batch"}
+    i = 0
+    while i < len(flags):
+        if flags[i] == "--checkpointing":
+            out["checkpointing"] = True
+            i += 1
+        else:
+            value = flags[i + 1]
+            out[names[flags[i]]] = value if flags[i] == "--strategy" else int(value)
+            i += 2
+    return out
+
+
+@pytest.mark.parametrize(
+    ("preset", "kwargs", "needs"),
+    [
+        ("llama-2-7b", dict(gpus=1), 2),
+        ("gpt3-175b", dict(gpus=4, strategy="fsdp"), 64),
+        ("gpt-1t", dict(gpus=1), 256),
+    ],
+)
+def test_too_few_gpus_for_tp_says_how_many_are_needed(preset: str, kwargs: dict, needs: int) -> None:
+    # _suggest used to try TP 2, 4, 8 on fewer GPUs: data-parallel degree 0, ZeroDivisionError.
+    p = plan(preset, **kwargs)
+    assert not p.fits
+    assert p.suggestion.startswith(f"does not fit on {kwargs['gpus']} x H100 SXM with any strategy; "
+                                   f"needs about {needs} GPUs: ")
+    assert f"--gpus {needs}" in p.suggestion
+    fixed = plan(preset, global_batch=p.global_batch, **_apply_suggestion(p.suggestion, kwargs))
+    assert fixed.fits and fixed.gpus == needs
+
+
+@pytest.mark.parametrize(
+    ("preset", "kwargs", "field", "words"),
+    [
+        ("llama-2-70b", dict(strategy="tp", tp=16, gpus=16), "tp:", "model.n_kv_head (8)"),
+        ("llama-2-7b", dict(strategy="fsdp+tp", tp=8, gpus=8), "gpus:", "2 data-parallel groups"),
+        ("llama-2-7b", dict(strategy="fsdp+tp", tp=1, gpus=8), "tp:", ">= 2"),
+        ("llama-2-7b", dict(strategy="tp", tp=8, gpus=16), "tp:", "all 16 GPUs"),
+        ("gpt2", dict(strategy="tp", gpus=16), "gpus:", "model.n_head (12)"),  # default tp: all GPUs
+        ("gpt2", dict(strategy="fsdp+tp", gpus=2), "gpus:", "2 data-parallel groups"),
+        (ModelConfig(n_head=8, d_model=64, d_ff=100), dict(strategy="fsdp+tp", tp=8, gpus=16), "tp:",
+         "model.d_ff (100)"),
+    ],
+)
+def test_layouts_train_refuses_are_refused(preset, kwargs: dict, field: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        plan(preset, **kwargs)
+    message = str(info.value)
+    assert message.startswith(field) and words in message and "\n" not in message
+
+
+def _train_accepts(config: ModelConfig, strategy: str, gpus: int, tp: int) -> bool:
+    from gptkit.config import TrainConfig
+    from gptkit.distributed.mesh import ParallelDims
+
+    try:
+        dims = ParallelDims.from_config(TrainConfig(strategy=strategy, tp_size=tp), gpus)
+        dims.validate_model(config)
+    except ConfigError:
+        return False
+    return dims.tp == tp
+
+
+def test_plan_accepts_exactly_the_layouts_train_accepts() -> None:
+    models = [
+        ModelConfig(n_layer=2, n_head=12, d_model=96, block_size=64, vocab_size=256),  # d_ff 384
+        ModelConfig(n_layer=2, n_head=16, n_kv_head=4, d_model=64, d_ff=72, block_size=64, vocab_size=256),
+    ]
+    for config in models:
+        for strategy in ("ddp", "fsdp", "tp", "fsdp+tp"):
+            for gpus in (1, 2, 3, 4, 6, 8, 12, 16):
+                for tp in (1, 2, 3, 4, 6, 8, 16):
+                    try:
+                        plan(config, strategy=strategy, gpus=gpus, tp=tp, global_batch=48 * gpus, tokens=1e9)
+                        accepted = True
+                    except ConfigError:
+                        accepted = False
+                    assert accepted == _train_accepts(config, strategy, gpus, tp), (config, strategy, gpus, tp)
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama-2-7b", "llama-2-70b", "gpt3-175b"])
+def test_every_suggestion_is_a_layout_train_accepts_and_fits(preset: str) -> None:
+    config, _ = resolve_model(preset)
+    for strategy in ("ddp", "fsdp", "tp", "fsdp+tp"):
+        for gpus in (1, 2, 3, 4, 6, 8, 16, 64):
+            kwargs = dict(strategy=strategy, gpus=gpus, global_batch=128 * gpus)
+            try:
+                p = plan(preset, **kwargs)
+            except ConfigError:
+                continue  # a layout train refuses (checked above)
+            if p.fits or ("needs about" not in p.suggestion and p.suggestion.startswith("does not fit")):
+                continue
+            fixed = plan(preset, **_apply_suggestion(p.suggestion, kwargs))
+            assert fixed.fits, (kwargs, p.suggestion)
+            assert _train_accepts(config, fixed.strategy, fixed.gpus, fixed.tp), (kwargs, p.suggestion)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers: finite, at least one step, no silent surprises
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["1e400", "3e11B", "1E3K", "inf", "nan"])
+def test_parse_quantity_refuses_infinite_and_ambiguous_numbers(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_quantity(text, "tokens")
+    assert str(info.value).startswith("tokens:") and "\n" not in str(info.value)
+    assert parse_quantity("300B", "tokens") == 300e9 and parse_quantity("3e11", "tokens") == 3e11
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(tokens=float("inf")), "tokens:"),
+        (dict(tokens=float("nan")), "tokens:"),
+        (dict(tokens=1e30), "tokens:"),  # absurd: beyond MAX_TOKENS
+        (dict(tokens=1e-3), "tokens:"),
+        (dict(tokens=1), "tokens:"),  # less than one sequence
+        (dict(tokens=1e5, global_batch=512), "tokens:"),  # less than one global batch
+        (dict(gpus=1_000_000_000), "gpus:"),
+        (dict(gpus=4096, tokens=1e6), "gpus:"),  # 4096 sequences a step at the least: 4.2M tokens
+    ],
+)
+def test_bad_numbers_are_a_one_line_config_error(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        plan("gpt2", **kwargs)
+    message = str(info.value)
+    assert message.startswith(field) and "\n" not in message
+
+
+def test_steps_round_up_and_the_default_batch_fits_the_token_budget() -> None:
+    p = plan("gpt2", tokens=1.5 * 2**19)  # a step and a half of the default 512 x 1024
+    assert p.global_batch == 512 and p.steps == 2
+    assert "(2 steps)" in format_plan(p)
+    small = plan("gpt2", tokens=200_000)  # less than the default ~2**19 tokens per step
+    assert small.global_batch == 195 and small.tokens_per_step <= small.tokens and small.steps == 2
+    wide = plan("gpt2", gpus=64, tokens=200_000)  # a multiple of dp that still fits the budget
+    assert wide.global_batch == 192 and wide.steps == 2
+    assert plan("gpt2", tokens=2**19).steps == 1
+    assert plan("gpt2").global_batch == 512  # the default is unchanged when tokens allow it
+
+
+def test_cli_plan_json_refuses_infinite_tokens() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gptkit.cli", "plan", "--preset", "gpt2", "--tokens", "1e400", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "Infinity" not in result.stdout
+    assert result.stderr.strip().count("\n") == 0 and "tokens:" in result.stderr
