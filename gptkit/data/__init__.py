@@ -9,13 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gptkit.data.prepare import load_meta, prepare_dataset
-from gptkit.data.sources import Document, fetch_shakespeare, load_documents
+from gptkit.data.sources import Corpus, Document, fetch_shakespeare, load_documents
 
 if TYPE_CHECKING:
     from gptkit.data.loader import BatchLoader, TokenSplit, eval_batches
 
 __all__ = [
     "BatchLoader",
+    "Corpus",
     "Document",
     "TokenSplit",
     "eval_batches",

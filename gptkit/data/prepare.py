@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from gptkit.data.sources import corpus_fingerprint, is_jsonl_corpus, load_documents, resolve_source
+from gptkit.data.sources import Corpus, Fingerprint, corpus_fingerprint, has_text, resolve_source
 from gptkit.errors import ConfigError, DataError
 from gptkit.fileio import atomic_directory, atomic_write_json
 
@@ -138,8 +138,38 @@ def whole_document_val(n_docs: int, val_fraction: float) -> list[bool]:
     ``f = 0.1`` documents 9, 19, 29, ...). ``f`` is taken as the decimal ``val_fraction`` is written
     as (0.1 is exactly 1/10), so no rounding error moves a document across the boundary.
     """
-    f = Fraction(repr(float(val_fraction)))
-    return [math.floor((i + 1) * f) > math.floor(i * f) for i in range(n_docs)]
+    f = _exact_fraction(val_fraction)
+    return [_held_out(i, f) for i in range(n_docs)]
+
+
+def _exact_fraction(val_fraction: float) -> Fraction:
+    """``val_fraction`` as the decimal it is written as (0.1 is exactly 1/10)."""
+    return Fraction(repr(float(val_fraction)))
+
+
+def _held_out(index: int, f: Fraction) -> bool:
+    """Whether document ``index`` goes to val when whole documents are split at fraction ``f``:
+    iff ``floor((index + 1) * f) > floor(index * f)``, in integers (cheap for every document)."""
+    p, q = f.numerator, f.denominator
+    return (index + 1) * p // q > index * p // q
+
+
+def _count_documents(corpus: Corpus, progress: bool) -> tuple[int, int]:
+    """One pass over ``corpus``: ``(documents, non-empty documents)``.
+
+    Reading every document also validates every file and line before anything is written;
+    DataError if the corpus holds no non-whitespace text.
+    """
+    documents = non_empty = 0
+    any_text = False
+    docs = tqdm(corpus, desc="reading", unit="doc", total=corpus.file_count, disable=not progress)
+    for doc in docs:
+        documents += 1
+        non_empty += bool(doc.text)
+        any_text = any_text or has_text(doc.text)
+    if not any_text:
+        raise corpus.empty_error()
+    return documents, non_empty
 
 
 def prepare_dataset(
@@ -180,18 +210,20 @@ def prepare_dataset(
     out = Path(out_dir)
     _check_out_dir(out)
 
-    docs = load_documents(source)
-    split_mode, to_val = "cut-per-document", []
-    if is_jsonl_corpus(source):
-        to_val = whole_document_val(sum(1 for doc in docs if doc.text), val_fraction)
-        if any(to_val):
+    # The corpus is streamed: three passes (count, train the tokenizer, encode), each holding one
+    # document at a time, so memory does not grow with the corpus.
+    corpus = Corpus(source)
+    n_docs, n_non_empty = _count_documents(corpus, progress)
+    split_mode, f = "cut-per-document", _exact_fraction(val_fraction)
+    if corpus.jsonl is not None:
+        if math.floor(n_non_empty * f) > 0:  # at least one whole document to hold out
             split_mode = "whole-documents"
         else:
             logger.info(
                 "%s has %d documents, too few to hold out whole ones at val_fraction=%s; "
-                "cutting each document instead", source, len(to_val), val_fraction,
+                "cutting each document instead", source, n_non_empty, val_fraction,
             )  # fmt: skip
-    texts = (doc.text for doc in docs)
+    texts = (doc.text for doc in corpus)
     if tokenizer == "char":
         tok = train_char_tokenizer(texts)
     else:
@@ -202,14 +234,19 @@ def prepare_dataset(
 
     with atomic_directory(out) as tmp:
         writers = {split: _ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
+        fingerprint = Fingerprint()  # of the texts as encoded, so it describes these very tokens
         try:
-            index = 0  # of the document among the non-empty ones
-            for doc in tqdm(docs, desc="tokenizing", unit="doc", disable=not progress):
+            seen = index = 0  # documents read; index of the document among the non-empty ones
+            docs = tqdm(corpus, desc="tokenizing", unit="doc", total=n_docs, disable=not progress)
+            for doc in docs:
+                seen += 1
+                fingerprint.update(doc.text)
                 if not doc.text:
                     continue
                 ids = np.asarray(tok.encode_array(doc.text), np.int64)
                 if split_mode == "whole-documents":
-                    writers["val" if to_val[index] else "train"].write(np.concatenate([ids, eot]))
+                    split = "val" if _held_out(index, f) else "train"
+                    writers[split].write(np.concatenate([ids, eot]))
                 else:
                     cut = len(ids) - int(len(ids) * val_fraction)
                     writers["train"].write(np.concatenate([ids[:cut], eot]))
@@ -219,6 +256,10 @@ def prepare_dataset(
         finally:
             for writer in writers.values():
                 writer.close()
+        if (seen, index) != (n_docs, n_non_empty):
+            raise DataError(
+                f"corpus {source} changed while it was being prepared; run `gptkit prepare` again"
+            )
         if writers["val"].tokens == 0:
             raise DataError(
                 f"corpus {source} is too small to split: val_fraction={val_fraction} of its "
@@ -226,7 +267,7 @@ def prepare_dataset(
                 "raise val_fraction"
             )
         tok.save(tmp)
-        source_bytes, source_sha256 = corpus_fingerprint(docs)
+        source_bytes, source_sha256 = fingerprint.value()
         meta = {
             "format": META_FORMAT,
             "version": META_VERSION,
@@ -243,7 +284,7 @@ def prepare_dataset(
             "splits": {
                 split: {"tokens": w.tokens, "shards": w.shards} for split, w in writers.items()
             },
-            "documents": len(docs),
+            "documents": n_docs,
             "source_bytes": source_bytes,
             "source_sha256": source_sha256,
         }
@@ -266,7 +307,7 @@ def _same_corpus(meta: dict[str, Any], source: str) -> bool:
     if "source_sha256" not in meta or "source_bytes" not in meta:
         return False
     try:
-        size, digest = corpus_fingerprint(load_documents(source))
+        size, digest = corpus_fingerprint(Corpus(source))  # streamed: one document at a time
     except DataError:
         return False  # not readable now: then it is not the same corpus either
     return (size, digest) == (meta["source_bytes"], meta["source_sha256"])

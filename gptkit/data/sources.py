@@ -1,5 +1,7 @@
 """Text corpora: built-in Shakespeare, ``.txt`` files, directories of them, and ``.jsonl`` files.
 
+A :class:`Corpus` is read lazily, one document at a time (a ``.jsonl`` file one line at a time),
+and can be iterated again and again, so a corpus of any size can be walked in bounded memory.
 Everything a user can get wrong here (a missing path, a file that is not UTF-8, an empty corpus,
 no network for the download) is raised as a one-line :class:`~gptkit.errors.DataError`.
 """
@@ -15,7 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +29,13 @@ __all__ = [
     "SHAKESPEARE_BYTES",
     "SHAKESPEARE_FILES",
     "SHAKESPEARE_SHA256",
+    "Corpus",
     "Document",
+    "Fingerprint",
     "cache_dir",
     "corpus_fingerprint",
     "fetch_shakespeare",
+    "has_text",
     "is_jsonl_corpus",
     "load_documents",
     "resolve_source",
@@ -188,26 +193,55 @@ def fetch_shakespeare() -> Path:
 # --- user corpora --------------------------------------------------------------------------------
 
 
+def _read_error(path: Path, exc: OSError) -> DataError:
+    return DataError(f"cannot read {path}: {exc.strerror or exc}")
+
+
+def _not_utf8_error(path: Path, offset: int) -> DataError:
+    return DataError(
+        f"{path} is not UTF-8 text (invalid byte at offset {offset}); convert it to UTF-8"
+    )
+
+
 def _read_text(path: Path) -> str:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise _read_error(path, exc) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{path} is not UTF-8 text (invalid byte at offset {exc.start}); convert it to UTF-8"
-        ) from None
+        raise _not_utf8_error(path, exc.start) from None
 
 
-def _load_jsonl(path: Path) -> list[Document]:
-    docs = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+def _binary_lines(path: Path) -> Iterator[bytes]:
+    """The lines of ``path`` as bytes, each ending in ``b"\\n"`` (but perhaps the last)."""
+    try:
+        with open(path, "rb") as file:
+            yield from file
+    except OSError as exc:
+        raise _read_error(path, exc) from None
+
+
+def _iter_jsonl(path: Path) -> Iterator[Document]:
+    """The documents of a ``.jsonl`` file, read and decoded one line at a time.
+
+    Records are separated by ``"\n"`` (a ``"\r\n"`` ending is fine), as JSON Lines says: a record
+    whose text holds U+2028 or U+0085 written as raw UTF-8 is one line, not several. Lines are
+    numbered, and a UTF-8 error's byte offset counted, over the whole file.
+    """
+    stem = path.stem
+    offset = 0  # bytes before the current line
+    for lineno, raw in enumerate(_binary_lines(path), start=1):
+        try:
+            line = raw.decode("utf-8")  # no UTF-8 sequence holds a b"\n" byte: safe to split
+        except UnicodeDecodeError as exc:
+            raise _not_utf8_error(path, offset + exc.start) from None
+        offset += len(raw)
         if not line.strip():
             continue  # blank lines (often a trailing one) carry no document
         try:
-            record = json.loads(line)
+            record = json.loads(line)  # the "\r\n" or "\n" at the end is whitespace to JSON
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict) or "text" not in record:
@@ -215,8 +249,7 @@ def _load_jsonl(path: Path) -> list[Document]:
         if not isinstance(record["text"], str):
             kind = type(record["text"]).__name__
             raise DataError(f'{path}, line {lineno}: "text" must be a string, not {kind}')
-        docs.append(Document(f"{path.stem}:{lineno}", record["text"]))
-    return docs
+        yield Document(f"{stem}:{lineno}", record["text"])
 
 
 def _txt_files(directory: Path) -> list[Path]:
@@ -231,18 +264,28 @@ def _txt_files(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(directory).as_posix())
 
 
-def load_documents(source: str | os.PathLike[str]) -> list[Document]:
-    """Load a corpus as a list of documents, in a deterministic order.
+class Corpus:
+    """A corpus that reads its documents lazily and can be iterated any number of times.
 
     ``source`` is ``"shakespeare"`` (the built-in corpus, one document per play or poem, named by
     file stem, sorted), a ``.txt`` file (one document), a directory (each ``.txt`` file below it is
     a document, sorted by relative path) or a ``.jsonl`` file (one document per line, from its
     ``"text"`` field). Text is returned exactly as stored (no newline translation).
+
+    Constructing it checks that the source exists and is of a known kind (and fetches the built-in
+    corpus if needed); each iteration then reads the files afresh, one document in memory at a
+    time (a ``.jsonl`` file line by line), raising DataError at the first bad file or line. An
+    empty corpus is not an error here: whoever walks it decides (see :meth:`empty_error`).
     """
-    if str(source) == "shakespeare":
-        directory = fetch_shakespeare()
-        docs = [Document(p.stem, _read_text(p)) for p in _shakespeare_files(directory)]
-    else:
+
+    def __init__(self, source: str | os.PathLike[str]) -> None:
+        self.source = source
+        self.jsonl: Path | None = None  # the file, for a .jsonl corpus
+        self._files: list[tuple[str, Path]] = []  # (document name, file) otherwise
+        if str(source) == "shakespeare":
+            directory = fetch_shakespeare()
+            self._files = [(p.stem, p) for p in _shakespeare_files(directory)]
+            return
         path = Path(source).expanduser()
         if not path.exists():
             raise DataError(f"corpus {path} does not exist")
@@ -250,22 +293,47 @@ def load_documents(source: str | os.PathLike[str]) -> list[Document]:
             files = _txt_files(path)
             if not files:
                 raise DataError(f"directory {path} contains no .txt files")
-            docs = [
-                Document(p.relative_to(path).with_suffix("").as_posix(), _read_text(p))
-                for p in files
-            ]
+            self._files = [(p.relative_to(path).with_suffix("").as_posix(), p) for p in files]
         elif path.suffix.lower() == ".txt":
-            docs = [Document(path.stem, _read_text(path))]
+            self._files = [(path.stem, path)]
         elif path.suffix.lower() == ".jsonl":
-            docs = _load_jsonl(path)
+            self.jsonl = path
         else:
             allowed = ", ".join(ALLOWED_EXTENSIONS)
             raise DataError(
                 f"cannot read corpus {path}: unknown extension {path.suffix or '(none)'!r}; "
                 f"use 'shakespeare', a directory of .txt files, or a file ending in {allowed}"
             )
-    if not any(doc.text.strip() for doc in docs):
-        raise DataError(f"corpus {source} is empty (no non-whitespace text)")
+
+    @property
+    def file_count(self) -> int | None:
+        """How many documents there are when known without reading (one per ``.txt`` file);
+        None for a ``.jsonl`` corpus, whose records must be read to be counted."""
+        return None if self.jsonl is not None else len(self._files)
+
+    def __iter__(self) -> Iterator[Document]:
+        """A fresh pass over the documents, in the corpus's deterministic order."""
+        if self.jsonl is not None:
+            return _iter_jsonl(self.jsonl)
+        return (Document(name, _read_text(path)) for name, path in self._files)
+
+    def empty_error(self) -> DataError:
+        """The error for a corpus with no non-whitespace text (see :func:`has_text`)."""
+        return DataError(f"corpus {self.source} is empty (no non-whitespace text)")
+
+
+def has_text(text: str) -> bool:
+    """True if ``text`` holds a non-whitespace character (like ``bool(text.strip())``, no copy)."""
+    return bool(text) and not text.isspace()
+
+
+def load_documents(source: str | os.PathLike[str]) -> list[Document]:
+    """Load a whole corpus as a list of documents, in a deterministic order (see :class:`Corpus`,
+    which reads the same documents one at a time); DataError if it holds no non-whitespace text."""
+    corpus = Corpus(source)
+    docs = list(corpus)
+    if not any(has_text(doc.text) for doc in docs):
+        raise corpus.empty_error()
     return docs
 
 
@@ -289,15 +357,31 @@ def is_jsonl_corpus(source: str | os.PathLike[str]) -> bool:
     return path.suffix.lower() == ".jsonl" and not path.is_dir()
 
 
+class Fingerprint:
+    """The running ``(bytes, sha256)`` of texts fed to :meth:`update` one after another."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._bytes = 0
+
+    def update(self, text: str) -> None:
+        """Add ``text`` (hashed as UTF-8) after the texts added so far."""
+        data = text.encode("utf-8")
+        self._digest.update(data)
+        self._bytes += len(data)
+
+    def value(self) -> tuple[int, str]:
+        """``(bytes, sha256 hex digest)`` of everything added so far."""
+        return self._bytes, self._digest.hexdigest()
+
+
 def corpus_fingerprint(docs: Iterable[Document]) -> tuple[int, str]:
     """``(bytes, sha256)`` over the UTF-8 texts of ``docs`` concatenated in order.
 
-    For the Shakespeare corpus this is exactly ``(SHAKESPEARE_BYTES, SHAKESPEARE_SHA256)``.
+    ``docs`` may be a :class:`Corpus`: it is read one document at a time. For the Shakespeare
+    corpus this is exactly ``(SHAKESPEARE_BYTES, SHAKESPEARE_SHA256)``.
     """
-    digest = hashlib.sha256()
-    total = 0
+    fingerprint = Fingerprint()
     for doc in docs:
-        data = doc.text.encode("utf-8")
-        digest.update(data)
-        total += len(data)
-    return total, digest.hexdigest()
+        fingerprint.update(doc.text)
+    return fingerprint.value()

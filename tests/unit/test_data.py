@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import math
 import os
 import random
 import string
 import subprocess
 import tarfile
+import time
+import tracemalloc
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +22,7 @@ import torch
 
 from gptkit.data import (
     BatchLoader,
+    Corpus,
     TokenSplit,
     eval_batches,
     fetch_shakespeare,
@@ -120,6 +126,10 @@ def test_load_jsonl(tmp_path):
         ("bad.jsonl", b'{"text": "ok"}\n{"body": "no text"}\n', "line 2"),
         ("bad.jsonl", b'{"text": "ok"}\n\n{"text": 42}\n', "line 3"),
         ("bad.jsonl", b'["text"]\n', "line 1"),
+        ("bad.jsonl", b'{"text": "a"}\r\n\r\n{"text": 1}\r\n', "line 3"),
+        ("bad.jsonl", b'{"text": "a"}\r{"text": 1}\n', "line 1: not valid JSON"),  # records end at "\n" only
+        # The byte offset counts from the start of the file, not of the line.
+        ("bad.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "(invalid byte at offset 28)"),
         ("corpus.csv", b"text\nhello\n", ".jsonl"),  # lists the allowed extensions
     ],
 )
@@ -130,6 +140,32 @@ def test_bad_corpus_files_raise_data_error_naming_the_file(tmp_path, name, conte
         load_documents(str(path))
     assert name in str(err.value)
     assert expect in str(err.value)
+
+
+def test_corpus_reads_lazily_and_again_on_every_pass(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", ["one", "two", "three"])
+    corpus = Corpus(str(path))
+    assert corpus.file_count is None  # a .jsonl file must be read to be counted
+    first = list(corpus)
+    assert [d.text for d in first] == ["one", "two", "three"] and list(corpus) == first
+    # Documents come one at a time: those before a bad line are read before its error.
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("{oops}\n")
+    docs = iter(corpus)
+    assert [next(docs).text for _ in range(3)] == ["one", "two", "three"]
+    with pytest.raises(DataError, match="c.jsonl, line 4: not valid JSON"):
+        next(docs)
+
+    folder = write_corpus_dir(tmp_path / "folder", {"b.txt": "bee", "a.txt": "ay"})
+    corpus = Corpus(str(folder))
+    assert corpus.file_count == 2
+    (folder / "a.txt").write_text("ay again")  # read afresh on each pass
+    assert [(d.name, d.text) for d in corpus] == [("a", "ay again"), ("b", "bee")]
+    # An empty corpus is for the reader to refuse: load_documents (and prepare) do.
+    blank = Corpus(str(write_jsonl(tmp_path / "blank.jsonl", [" ", ""])))
+    assert [d.text for d in blank] == [" ", ""]
+    with pytest.raises(DataError, match="blank.jsonl is empty"):
+        load_documents(str(tmp_path / "blank.jsonl"))
 
 
 def test_missing_path_raises(tmp_path):
@@ -500,6 +536,115 @@ def test_meta_records_what_the_data_was_prepared_from(tmp_path, monkeypatch):
     assert sources.resolve_source("shakespeare") == "shakespeare"  # the built-in corpus by name
 
 
+# --- streaming: bounded memory ------------------------------------------------------------------
+
+
+def expected_char_meta(
+    source: str, texts: list[str], split: str, val_fraction: float, shard_tokens: int
+) -> dict:
+    """meta.json for ``texts`` prepared with the char tokenizer, computed without gptkit: what the
+    list-based prepare wrote (one shard list per split, tokens = characters + one EOT per part)."""
+    chars = sorted(set("".join(texts)))
+    parts: dict[str, list[int]] = {"train": [], "val": []}  # tokens of each part, EOT included
+    f = Fraction(str(val_fraction))
+    for i, text in enumerate(t for t in texts if t):
+        if split == "whole-documents":  # document i is val iff floor((i+1)f) > floor(i f)
+            held_out = math.floor((i + 1) * f) > math.floor(i * f)
+            parts["val" if held_out else "train"].append(len(text) + 1)
+        else:
+            n_val = int(len(text) * val_fraction)
+            parts["train"].append(len(text) - n_val + 1)
+            if n_val:
+                parts["val"].append(n_val + 1)
+
+    def shards(name: str, tokens: int) -> list[dict]:
+        full, rest = divmod(tokens, shard_tokens)
+        sizes = [shard_tokens] * full + [rest] * bool(rest)
+        return [{"file": f"{name}_{k:05d}.bin", "tokens": n} for k, n in enumerate(sizes)]
+
+    data = "".join(texts).encode("utf-8")
+    return {
+        "format": "gptkit-tokens", "version": 1, "source": source,
+        "source_path": str(Path(source).resolve()), "tokenizer": "char",
+        "requested_vocab_size": None, "val_fraction": val_fraction, "split": split,
+        "vocab_size": len(chars) + 257, "dtype": "uint16", "eot_id": len(chars) + 256,
+        "splits": {
+            name: {"tokens": sum(parts[name]), "shards": shards(name, sum(parts[name]))}
+            for name in ("train", "val")
+        },
+        "documents": len(texts), "source_bytes": len(data),
+        "source_sha256": hashlib.sha256(data).hexdigest(),
+    }  # fmt: skip
+
+
+def test_prepare_meta_of_a_jsonl_corpus_is_exactly_as_computed(tmp_path):
+    texts = [f"doc {i} — {random_text(40 + 7 * i, i)} ✓" for i in range(25)]
+    texts[3], texts[11] = "", "  \n "  # an empty record (skipped, still counted) and a blank one
+    lines = [json.dumps({"text": t}, ensure_ascii=i % 2 == 0) for i, t in enumerate(texts)]
+    path = tmp_path / "c.jsonl"  # CRLF line ends and a blank line: numbered, not documents
+    path.write_bytes(("\r\n".join(lines[:8] + [""] + lines[8:]) + "\r\n").encode("utf-8"))
+    meta = prepare_dataset(str(path), tmp_path / "data", val_fraction=0.1, shard_tokens=300)
+    assert meta == load_meta(tmp_path / "data")
+    assert meta == expected_char_meta(str(path), texts, "whole-documents", 0.1, 300)
+    fingerprint = sources.corpus_fingerprint(load_documents(str(path)))
+    assert fingerprint == (meta["source_bytes"], meta["source_sha256"])
+
+
+def test_prepare_meta_of_a_folder_is_exactly_as_computed(tmp_path):
+    files = {"b.txt": random_text(700, 1), "a/z.txt": "ünïcödé 🙂\r\n" * 30, "empty.txt": "",
+             "c.txt": random_text(1300, 2), "short.txt": "tiny"}  # fmt: skip
+    corpus = write_corpus_dir(tmp_path / "corpus", files)
+    meta = prepare_dataset(str(corpus), tmp_path / "data", val_fraction=0.15, shard_tokens=400)
+    texts = [files[name] for name in sorted(files)]  # sorted by relative path
+    assert meta == load_meta(tmp_path / "data")
+    assert meta == expected_char_meta(str(corpus), texts, "cut-per-document", 0.15, 400)
+    fingerprint = sources.corpus_fingerprint(load_documents(str(corpus)))
+    assert fingerprint == (meta["source_bytes"], meta["source_sha256"])
+
+
+def test_prepare_refuses_a_corpus_that_changes_between_passes(tmp_path, monkeypatch):
+    import gptkit.tokenizer
+
+    path = write_jsonl(tmp_path / "c.jsonl", [random_text(100, i) for i in range(20)])
+    real_train = gptkit.tokenizer.train_char_tokenizer
+
+    def train_then_append(texts):  # the file grows after the tokenizer pass, before encoding
+        tok = real_train(texts)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"text": "late"}) + "\n")
+        return tok
+
+    monkeypatch.setattr(gptkit.tokenizer, "train_char_tokenizer", train_then_append)
+    with pytest.raises(DataError, match="c.jsonl changed while it was being prepared"):
+        prepare_dataset(str(path), tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_prepare_memory_stays_well_below_the_corpus_size(tmp_path):
+    """The corpus is streamed: no pass holds all its texts (nor the whole file) in memory."""
+    path = tmp_path / "big.jsonl"
+    base = random_text(100_000, 0)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(8_000):  # ~8 MB of short records
+            start = (i * 7919) % (len(base) - 1200)
+            f.write(json.dumps({"text": base[start : start + 800 + i % 400], "id": i}) + "\n")
+    del base
+    size = path.stat().st_size
+    assert size > 7_000_000
+
+    began = time.perf_counter()
+    tracemalloc.start()
+    try:
+        meta = prepare_dataset(str(path), tmp_path / "data", val_fraction=0.1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    seconds = time.perf_counter() - began
+    assert meta["documents"] == 8_000 and meta["split"] == "whole-documents"
+    print(f"corpus {size / 1e6:.1f} MB, traced peak {peak / 1e6:.2f} MB, {seconds:.1f} s")
+    assert peak < 0.5 * size, f"peak {peak:,} bytes for a corpus of {size:,} bytes"
+
+
 # --- stale prepared data -------------------------------------------------------------------------
 
 
@@ -761,3 +906,13 @@ def test_a_moved_corpus_with_the_same_text_is_the_same_data(prepared_txt):
     Path("moved/a.txt").write_text(Path("a.txt").read_text() + " changed")
     with pytest.raises(DataError, match="was prepared from a.txt .* this run asks for moved/a.txt"):
         ensure_prepared(run_config("moved/a.txt", "data/x"))
+
+
+def test_jsonl_records_may_hold_raw_line_separators(tmp_path):
+    """json.dumps(..., ensure_ascii=False) writes U+2028, U+2029 and U+0085 as raw UTF-8; JSON Lines
+    separates records by "\\n" only, so each such record is still one document."""
+    texts = ["one\u2028two", "three\u0085four\u2029five", "plain"]
+    path = tmp_path / "sep.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    docs = load_documents(str(path))
+    assert [d.text for d in docs] == texts and [d.name for d in docs] == ["sep:1", "sep:2", "sep:3"]
