@@ -197,6 +197,8 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
             raise ConfigError(f"cannot read --prompt-file {args.prompt_file}: {exc}") from None
     encode_prompt(tokenizer, prompt, model.config.block_size)  # a bad prompt fails before anything prints
     out = sys.stdout
+    if hasattr(out, "reconfigure"):  # a terminal or pipe that is not UTF-8: never a crash mid-sample
+        out.reconfigure(errors="replace")
     for i in range(args.num_samples):
         if args.num_samples > 1:
             out.write(f"--- sample {i + 1} ---\n")

@@ -201,7 +201,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_fields(self, "data")
         _choice(self.tokenizer, "data.tokenizer", ("char", "bpe"))
-        _require(self.vocab_size >= 257, "data.vocab_size", f"must be >= 257; got {self.vocab_size}")
+        _require(
+            257 <= self.vocab_size <= 2**24, "data.vocab_size", f"must be in [257, 2**24]; got {self.vocab_size}"
+        )
         _require(
             0.0 < self.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1); got {self.val_fraction}"
         )

@@ -156,11 +156,12 @@ class _TextStream:
     def push(self, token_id: int) -> str:
         """Add one token; return the text that is now safe to show (possibly empty)."""
         self.pending += self.decoder.decode(self.tokenizer.token_bytes(token_id))
-        for stop in self.stop:
-            index = self.pending.find(stop)
-            if index >= 0:
-                self.stopped = True
-                return self._emit(self.pending[:index])
+        # The earliest match in the text wins, whatever the order of the stop strings (one token
+        # can complete two of them).
+        found = [index for index in (self.pending.find(stop) for stop in self.stop) if index >= 0]
+        if found:
+            self.stopped = True
+            return self._emit(self.pending[: min(found)])
         # Hold back the longest tail that is a prefix of some stop string.
         hold = 0
         for stop in self.stop:

@@ -27,6 +27,8 @@ from gptkit.errors import TokenizerError
 from gptkit.tokenizer.base import EOT_TOKEN, Tokenizer, one_line, surrogate_error
 
 MIN_VOCAB_SIZE = 256 + 1  # every byte, plus <|endoftext|>
+# The trainer allocates per vocabulary entry up front: a typo like 2**40 would abort the process.
+MAX_VOCAB_SIZE = 2**24
 
 # Large texts are cut into pieces of about this many characters and encoded as a batch
 # (in parallel, and much faster than one huge string even on one core).
@@ -111,6 +113,11 @@ class BPETokenizer(Tokenizer):
         eot = tk.token_to_id(EOT_TOKEN)
         if eot is None:
             raise TokenizerError(f"{source}: the vocabulary has no {EOT_TOKEN} token")
+        if tk.encode(EOT_TOKEN).ids != [eot]:
+            raise TokenizerError(
+                f"{source}: {EOT_TOKEN} is in the vocabulary but not a special (added) token, so text holding it "
+                "would not encode to it; list it under added_tokens"
+            )
         self._eot_id = eot
 
         # Chunked encoding is only known to be exact for the GPT-2 regex pre-tokenizer.
@@ -208,6 +215,10 @@ def train_bpe_tokenizer(
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
         raise TokenizerError(f"vocab_size must be an integer, got {vocab_size!r}")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise TokenizerError(
+            f"vocab_size {vocab_size} is too large (at most {MAX_VOCAB_SIZE:,}: GPT-2 has 50,257, large models ~256k)"
+        )
     if vocab_size < MIN_VOCAB_SIZE:
         raise TokenizerError(
             f"vocab_size {vocab_size} is too small for a byte-level BPE tokenizer "

@@ -83,6 +83,10 @@ class CharTokenizer(Tokenizer):
     def encode_array(self, text: str) -> np.ndarray:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        try:
+            _code_points(text)  # a lone surrogate anywhere: one error, its position in ``text``
+        except UnicodeEncodeError as e:
+            raise surrogate_error(text, e) from None
         if EOT_TOKEN not in text:  # the common case: one vectorised pass
             return self._encode_plain(text)
         pieces: list[np.ndarray] = []
@@ -94,11 +98,8 @@ class CharTokenizer(Tokenizer):
         return np.concatenate(pieces)
 
     def _encode_plain(self, text: str) -> np.ndarray:
-        """Encode text that holds no special token."""
-        try:
-            cps = _code_points(text)
-        except UnicodeEncodeError as e:
-            raise surrogate_error(text, e) from None
+        """Encode valid text that holds no special token."""
+        cps = _code_points(text)
         table = self._lookup
         ids = table[np.minimum(cps, len(table) - 1)]
         unknown = ids < 0

@@ -186,3 +186,15 @@ def test_unreadable_corpus_file(tmp_path: Path) -> None:
 
 def test_not_a_recipe_file(tmp_path: Path) -> None:
     assert_one_line_error(gptkit("train", "missing.yaml", cwd=tmp_path, check=False), "config file not found")
+
+
+def test_generate_to_a_stdout_that_is_not_utf8(trained: Path, workdir: Path) -> None:
+    """A pipe or terminal in ASCII gets replacement marks for what it cannot show, not a crash."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    result = subprocess.run(
+        [sys.executable, "-m", "gptkit.cli", "generate", "run", "--prompt", "h\u00e9 ROMEO", "--max-new-tokens", "5",
+         "--seed", "1"],
+        cwd=workdir, env=env, capture_output=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert result.stdout.startswith(b"h? ROMEO")

@@ -8,6 +8,7 @@ import torch
 
 from gptkit.config import ModelConfig, SampleConfig
 from gptkit.errors import ConfigError, RequestError
+from gptkit.generate.generator import _TextStream
 from gptkit.generate import (
     apply_repetition_penalty,
     decode_tokens,
@@ -211,3 +212,15 @@ def test_a_prompt_that_is_not_text_is_a_request_error(model, tokenizer) -> None:
     for prompt in (None, b"To be", 42):
         with pytest.raises(RequestError, match="prompt must be a string; got"):
             generate_text(model, tokenizer, prompt, SampleConfig(max_new_tokens=2))  # type: ignore[arg-type]
+
+
+def test_the_earliest_stop_string_in_the_text_wins_whatever_their_order() -> None:
+    """One token can complete two stop strings at once: the text stops at the earlier match."""
+    from gptkit.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["xabcx xabcx xabcx abc abc abc"] * 50, 300)
+    token = tok.encode("xabcx")
+    assert len(token) == 1  # the whole word is one token, so both stops complete in one push
+    for stops, expected in ((("c", "ab"), "x"), (("ab", "c"), "x"), (("cx", "xa"), "")):
+        stream = _TextStream(tok, stops)
+        assert stream.push(token[0]) == expected and stream.stopped, stops

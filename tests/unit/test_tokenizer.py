@@ -453,3 +453,25 @@ def test_load_accepts_any_existing_file_name(char_tok: CharTokenizer, tmp_path: 
     char_tok.save(tmp_path / "tok.json")
     renamed = (tmp_path / "tok.json").rename(tmp_path / "my-tokenizer.txt")
     assert load_tokenizer(renamed).chars == char_tok.chars
+
+
+def test_bpe_vocab_size_has_an_upper_bound() -> None:
+    # Without it the Rust trainer tries to allocate per entry and aborts the whole process.
+    with pytest.raises(TokenizerError, match=r"vocab_size 1099511627776 is too large \(at most 16,777,216"):
+        train_bpe_tokenizer(["hello hello"], 2**40)
+
+
+def test_bpe_file_whose_eot_is_not_special_is_refused(bpe_tok: BPETokenizer, tmp_path: Path) -> None:
+    data = bpe_tok.to_dict()
+    data["added_tokens"] = []  # hand-edited: <|endoftext|> would encode as ordinary bytes
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(TokenizerError, match="is in the vocabulary but not a special"):
+        load_tokenizer(path)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_a_lone_surrogate_is_reported_at_its_position_in_the_whole_text(char_tok, bpe_tok, kind) -> None:
+    tok = char_tok if kind == "char" else bpe_tok
+    with pytest.raises(TokenizerError, match="at position 14 "):
+        tok.encode("x<|endoftext|>\ud800")
