@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptkit.config import ModelConfig, build_dataclass, to_dict
-from gptkit.errors import CheckpointError, ConfigError
+from gptkit.errors import CheckpointError, ConfigError, first_line
 from gptkit.fileio import atomic_write_json
 from gptkit.model.gpt import GPT
 
@@ -203,8 +203,7 @@ def load_sharded(state: dict[str, Any], shard_dir: Path) -> None:
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
             dcp.load(state, checkpoint_id=str(shard_dir))
     except Exception as exc:  # CheckpointException wraps per-rank tracebacks; keep one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read sharded checkpoint {shard_dir}: {first}") from None
+        raise CheckpointError(f"cannot read sharded checkpoint {shard_dir}: {first_line(exc)}") from None
 
 
 def load_sharded_model_weights(model: GPT, directory: Path) -> None:

@@ -358,46 +358,20 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def _coerce(value: Any, annotation: Any, name: str) -> Any:
-    """Check ``value`` against a field's type; allow int where float is expected and list for tuple."""
-    origin = get_origin(annotation)
+def _coerce(value: Any, annotation: Any) -> Any:
+    """A YAML value in the form its field takes: a float YAML 1.1 read as a string ("3e-4", no
+    dot) or as an int, and a single string for a list of strings. The config itself checks the
+    type and range (``_check_fields`` and ``__post_init__``)."""
     args = get_args(annotation)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{name}: must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
     if args and type(None) in args:  # Optional[X] written as X | None
-        if value is None:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: must be a list; got {value!r}")
-        return tuple(_coerce(v, args[0], name) for v in value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: must be true or false; got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: must be an integer; got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: must be a number; got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: must be a string; got {value!r}")
-        return value
+        return None if value is None else _coerce(value, next(a for a in args if a is not type(None)))
+    if get_origin(annotation) is tuple and isinstance(value, str):
+        return (value,)
+    if annotation is float and isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            return value  # not a number: the config's own check names the field
     return value
 
 
@@ -405,12 +379,12 @@ def build_dataclass(cls: type, values: dict[str, Any], section: str) -> Any:
     """Construct ``cls`` from a plain dict, rejecting unknown keys and ill-typed values."""
     if not isinstance(values, dict):
         raise ConfigError(f"{section}: must be a mapping of keys to values; got {values!r}")
-    hints = get_type_hints(cls)
+    hints = _field_types(cls)
     allowed = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(allowed))
     if unknown:
         raise ConfigError(f"unknown key '{section}.{unknown[0]}'; allowed keys: {', '.join(allowed)}")
-    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    kwargs = {k: _coerce(v, hints[k]) for k, v in values.items()}
     return cls(**kwargs)
 
 
@@ -478,7 +452,7 @@ def _is_text_field(section: str, key: str, value: Any) -> bool:
     """Whether ``section.key`` holds free text (a path, a name) that ``value`` came from: then
     ``--data.source=2024`` means the string "2024", not the number YAML would read, and
     ``--train.out_dir=~`` the folder "~", not null (a ``str | None`` field keeps null as None)."""
-    annotation = get_type_hints(_SECTIONS[section]).get(key)
+    annotation = _field_types(_SECTIONS[section]).get(key)
     if annotation is str:
         return True
     return set(get_args(annotation)) == {str, type(None)} and value is not None

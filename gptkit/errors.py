@@ -33,3 +33,10 @@ class RequestError(GptkitError):
 
 class TrainingError(GptkitError):
     """Training cannot go on (for example the loss or the gradients became inf/nan)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type's name when it has none): how a
+    multi-line error from a library (a traceback inside DCP, a Rust panic) enters a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -36,7 +36,6 @@ __all__ = [
     "corpus_fingerprint",
     "fetch_shakespeare",
     "has_text",
-    "is_jsonl_corpus",
     "load_documents",
     "resolve_source",
 ]
@@ -347,14 +346,6 @@ def resolve_source(source: str | os.PathLike[str]) -> str:
     if str(source) == "shakespeare":
         return "shakespeare"
     return str(Path(source).expanduser().resolve())
-
-
-def is_jsonl_corpus(source: str | os.PathLike[str]) -> bool:
-    """True if :func:`load_documents` reads ``source`` as ``.jsonl`` (one document per record)."""
-    if str(source) == "shakespeare":
-        return False
-    path = Path(source).expanduser()
-    return path.suffix.lower() == ".jsonl" and not path.is_dir()
 
 
 class Fingerprint:

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 
 from gptkit.config import ModelConfig
-from gptkit.errors import CheckpointError, ConfigError, GptkitError
+from gptkit.errors import CheckpointError, ConfigError, GptkitError, first_line
 from gptkit.fileio import atomic_directory
 from gptkit.model.gpt import GPT
 
@@ -474,8 +474,7 @@ def load_hf(path: str | os.PathLike[str]) -> GPT:
             str(directory), local_files_only=True, output_loading_info=True, **dtype_kw
         )
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot load Hugging Face model from {directory}: {first}") from None
+        raise CheckpointError(f"cannot load Hugging Face model from {directory}: {first_line(exc)}") from None
     missing = list(info.get("missing_keys") or [])
     mismatched = list(info.get("mismatched_keys") or [])
     if missing or mismatched:

@@ -56,12 +56,18 @@ from gptkit.checkpoint import (
     write_model_files,
 )
 from gptkit.config import to_dict
-from gptkit.errors import CheckpointError, ConfigError
+from gptkit.errors import CheckpointError, ConfigError, first_line
 from gptkit.fileio import atomic_directory, atomic_write_json, publish_directory
 from gptkit.model.gpt import GPT
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
+# A run directory (train.out_dir): its checkpoint and metrics log, and where `--overwrite` keeps
+# the earlier run's until the new run's first checkpoint.
+CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.jsonl"
+PREVIOUS_CHECKPOINT = "checkpoint.previous"
+PREVIOUS_METRICS = "metrics.previous.jsonl"
 # Why a resume finds no optimizer / trainer state, most often.
 WEIGHTS_ONLY_HINT = (
     "a weights-only checkpoint, such as `gptkit convert` writes, holds no optimizer state or data position to "
@@ -138,11 +144,6 @@ def save_training_checkpoint(
         )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def check_resumable(directory: Path) -> None:
     """Raise a one-line CheckpointError naming every file a resume from ``directory`` needs and
     does not find; cheap (no file is read), so a run can check before preparing data."""
@@ -173,7 +174,7 @@ def read_trainer_state(directory: Path, *, optimizer: bool = True) -> dict[str, 
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(
-            f"cannot resume {directory}: {TRAINER_STATE_FILE} is corrupt ({_first_line(exc)})"
+            f"cannot resume {directory}: {TRAINER_STATE_FILE} is corrupt ({first_line(exc)})"
         ) from None
     problem = None
     if not isinstance(state, dict):
@@ -200,7 +201,7 @@ def _read_tensors(directory: Path, name: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (OSError, SafetensorError, ValueError) as exc:
-        raise CheckpointError(f"cannot resume {directory}: {name} is corrupt ({_first_line(exc)})") from None
+        raise CheckpointError(f"cannot resume {directory}: {name} is corrupt ({first_line(exc)})") from None
 
 
 def _restore_rng(state: dict[str, Any]) -> None:
@@ -226,8 +227,8 @@ def check_run_directory(out_dir: str | Path, *, resume: bool, overwrite: bool) -
     """Refuse, before any data preparation or training, a ``train.out_dir`` a run cannot use.
 
     A path that is (or lies inside) a file, or cannot be written, is a ConfigError. Without
-    ``resume`` a checkpoint already there is a ConfigError unless ``overwrite`` (it is then
-    replaced at the first save); with ``resume`` the checkpoint must be there and complete
+    ``resume`` a checkpoint already there is a ConfigError unless ``overwrite`` (``start_run`` then
+    sets it aside); with ``resume`` the checkpoint must be there and complete
     (CheckpointError naming each missing file). Returns the step of the checkpoint found, if any.
     """
     out = Path(out_dir)
@@ -245,9 +246,9 @@ def check_run_directory(out_dir: str | Path, *, resume: bool, overwrite: bool) -
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(f"train.out_dir {out}: cannot write in {path} (permission denied)")
         break
-    if (out / "metrics.jsonl").is_dir():
-        raise ConfigError(f"train.out_dir {out}: {out / 'metrics.jsonl'} is a directory, not a file; remove it")
-    checkpoint = out / "checkpoint"
+    if (out / METRICS_FILE).is_dir():
+        raise ConfigError(f"train.out_dir {out}: {out / METRICS_FILE} is a directory, not a file; remove it")
+    checkpoint = out / CHECKPOINT_DIR
     exists = checkpoint.exists() or checkpoint.is_symlink()
     if resume:
         if not checkpoint.is_dir():
@@ -275,7 +276,7 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> di
         _restore_rng(state)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
-            f"cannot resume {directory}: training state does not fit this run ({_first_line(exc)})"
+            f"cannot resume {directory}: training state does not fit this run ({first_line(exc)})"
         ) from None
     return state
 
@@ -409,7 +410,7 @@ def load_sharded_training_state(directory: Path, model: GPT, optimizer: torch.op
         _restore_rng(state)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
-            f"cannot resume {directory}: training state does not fit this run ({_first_line(exc)})"
+            f"cannot resume {directory}: training state does not fit this run ({first_line(exc)})"
         ) from None
     return state
 
@@ -463,6 +464,6 @@ def load_full_training_state_sharded(directory: Path, model: GPT, optimizer: tor
         torch.set_rng_state(_decode_rng(state["rng"]["torch"]))
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
-            f"cannot resume {directory}: training state does not fit this run ({_first_line(exc)})"
+            f"cannot resume {directory}: training state does not fit this run ({first_line(exc)})"
         ) from None
     return state

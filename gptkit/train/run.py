@@ -22,7 +22,8 @@ from gptkit.distributed.mesh import ParallelDims
 from gptkit.distributed.setup import barrier, init_distributed
 from gptkit.errors import CheckpointError, ConfigError
 from gptkit.model.gpt import GPT
-from gptkit.train.trainer import PREVIOUS_CHECKPOINT, PREVIOUS_METRICS, StepMetrics, Trainer, TrainSummary
+from gptkit.train.checkpointing import CHECKPOINT_DIR, METRICS_FILE, PREVIOUS_CHECKPOINT, PREVIOUS_METRICS
+from gptkit.train.trainer import StepMetrics, Trainer, TrainSummary
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def resume_run_config(config: RunConfig, overrides: list[str] | tuple[str, ...] 
     ``config`` only tells where the run lives (train.out_dir); everything else comes from the
     checkpoint, so a resumed run continues with exactly the settings it started with.
     """
-    checkpoint_dir = Path(config.train.out_dir) / "checkpoint"
+    checkpoint_dir = Path(config.train.out_dir) / CHECKPOINT_DIR
     if not checkpoint_dir.exists():
         raise CheckpointError(f"nothing to resume: no checkpoint at {checkpoint_dir}")
     stored = read_checkpoint_config(checkpoint_dir)
@@ -161,10 +162,8 @@ def start_run(
     if overwrite and found_step is not None:
         _start_over(Path(config.train.out_dir), found_step, is_main=trainer.is_main)
     if resume:
-        checkpoint_dir = trainer.checkpoint_dir
+        checkpoint_dir = trainer.checkpoint_dir  # present and complete: check_run_directory saw to it
         assert checkpoint_dir is not None
-        if not checkpoint_dir.exists():
-            raise CheckpointError(f"nothing to resume: no checkpoint at {checkpoint_dir}")
         stored = read_checkpoint_config(checkpoint_dir)
         stored_model = model_config_from_checkpoint(stored, checkpoint_dir)
         if stored_model != trainer.model.config:
@@ -174,9 +173,7 @@ def start_run(
                 if getattr(stored_model, f.name) != getattr(trainer.model.config, f.name)
             ]
             raise CheckpointError(f"cannot resume {checkpoint_dir}: the model config changed ({'; '.join(diffs)})")
-        trainer.resume(checkpoint_dir)
-        if trainer.step > config.train.max_steps:
-            raise _max_steps_below(config.train.max_steps, trainer.step)
+        trainer.resume(checkpoint_dir)  # at found_step, which is <= max_steps (checked above)
         if trainer.step == config.train.max_steps:
             logger.info(
                 "checkpoint is already at step %d = train.max_steps; nothing to train "
@@ -200,7 +197,7 @@ def _start_over(out_dir: Path, step: int, *, is_main: bool) -> None:
             "train.out_dir %s: the earlier run (step %d) is moved to %s until this run saves its first checkpoint",
             out_dir, step, PREVIOUS_CHECKPOINT,
         )
-        for name, aside in (("checkpoint", PREVIOUS_CHECKPOINT), ("metrics.jsonl", PREVIOUS_METRICS)):
+        for name, aside in ((CHECKPOINT_DIR, PREVIOUS_CHECKPOINT), (METRICS_FILE, PREVIOUS_METRICS)):
             if (out_dir / aside).is_dir():
                 shutil.rmtree(out_dir / aside)
             if (out_dir / name).exists():

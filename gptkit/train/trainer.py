@@ -28,9 +28,13 @@ from gptkit.config import SHARDED_STRATEGIES, TrainConfig
 from gptkit.distributed.parallelize import clip_grad_norm, parallelize
 from gptkit.distributed.precision import PrecisionPolicy
 from gptkit.distributed.setup import barrier, mean_over_ranks
-from gptkit.errors import CheckpointError, GptkitError, TrainingError
+from gptkit.errors import CheckpointError, GptkitError, TrainingError, first_line
 from gptkit.fileio import atomic_write_text
 from gptkit.train.checkpointing import (
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    PREVIOUS_CHECKPOINT,
+    PREVIOUS_METRICS,
     _decode_rng,
     _encode_rng,
     is_replicated,
@@ -44,10 +48,6 @@ from gptkit.train.optim import build_optimizer
 from gptkit.train.schedule import learning_rate
 
 logger = logging.getLogger(__name__)
-
-# Where `gptkit train --overwrite` keeps the earlier run until this run's first checkpoint.
-PREVIOUS_CHECKPOINT = "checkpoint.previous"
-PREVIOUS_METRICS = "metrics.previous.jsonl"
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -144,11 +144,11 @@ class Trainer:
 
     @property
     def checkpoint_dir(self) -> Path | None:
-        return self.out_dir / "checkpoint" if self.out_dir is not None else None
+        return self.out_dir / CHECKPOINT_DIR if self.out_dir is not None else None
 
     @property
     def metrics_path(self) -> Path | None:
-        return self.out_dir / "metrics.jsonl" if self.out_dir is not None else None
+        return self.out_dir / METRICS_FILE if self.out_dir is not None else None
 
     # ------------------------------------------------------------------ resume
 
@@ -171,9 +171,8 @@ class Trainer:
             self.precision.load_state_dict(state.get("grad_scaler") or {})
             self._restore_rank_rng(state.get("rank_rng"))
         except (GptkitError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
-                f"cannot resume {directory}: trainer_state.json does not fit this run ({first})"
+                f"cannot resume {directory}: trainer_state.json does not fit this run ({first_line(exc)})"
             ) from None
         self.last_checkpoint_step = self.step
         if self.is_main:
