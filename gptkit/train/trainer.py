@@ -413,7 +413,8 @@ class Trainer:
         }
         # With several processes every rank writes its shards (DCP) and rank 0 adds the JSON files
         # and renames; a single process writes the one-file checkpoint.
-        sharded = dist.is_initialized() and dist.get_world_size() > 1
+        # One FSDP/TP rank still holds DTensors, which only the sharded writer can save.
+        sharded = dist.is_initialized() and (dist.get_world_size() > 1 or not is_replicated(self.model))
         save = save_sharded_training_checkpoint if sharded else save_training_checkpoint
         save(
             directory,
@@ -435,7 +436,7 @@ class Trainer:
     def _gather_rank_rng(self) -> list[dict[str, str]] | None:
         """Every rank's RNG states (rank order), so resume restores each rank's dropout stream;
         None in a single process (the checkpoint's own RNG entry covers it)."""
-        if not dist.is_initialized() or dist.get_world_size() == 1:
+        if not dist.is_initialized():
             return None
         mine = {"torch": _encode_rng(torch.get_rng_state())}
         if self.device.type == "cuda":
