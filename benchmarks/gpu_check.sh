@@ -22,21 +22,21 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 
 section "CUDA tests"
-timeout 240 $PY -m pytest -p no:cacheprovider -m gpu tests/gpu -q -rA 2>&1 | tail -40 | tee "$OUT/pytest_gpu.log"
+timeout 200 $PY -m pytest -p no:cacheprovider -m gpu tests/gpu -q -rA 2>&1 | tail -40 | tee "$OUT/pytest_gpu.log"
 
 section "default recipe on cuda"
 start=$SECONDS
-timeout 150 $PY -m gptkit.cli train configs/shakespeare-char.yaml --quiet --train.device=cuda \
+timeout 120 $PY -m gptkit.cli train configs/shakespeare-char.yaml --quiet --train.device=cuda \
     --train.out_dir=out/gpu-quickstart --overwrite 2>&1 | tail -6 | tee "$OUT/quickstart.log"
 echo "train wall seconds (prepare included): $((SECONDS - start))" | tee -a "$OUT/quickstart.log"
-timeout 60 $PY -m gptkit.cli generate out/gpu-quickstart --device cuda --prompt "ROMEO:" --max-new-tokens 200 \
+timeout 30 $PY -m gptkit.cli generate out/gpu-quickstart --device cuda --prompt "ROMEO:" --max-new-tokens 200 \
     --seed 1 2>&1 | tee -a "$OUT/quickstart.log"
 
 section "benchmarks/gpu.py"
-timeout 200 $PY benchmarks/gpu.py --steps 10 2>&1 | tee "$OUT/gpu_bench.md"
+timeout 150 $PY benchmarks/gpu.py --steps 10 2>&1 | tee "$OUT/gpu_bench.md"
 
 section "default test suite with CUDA present"
 # -v into the log, so a run cut short by the timeout still names each test's outcome.
-timeout "${SUITE_SECONDS:-150}" $PY -m pytest -p no:cacheprovider -m "not slow" -v -rfE >"$OUT/pytest_default.log" 2>&1
+timeout "${SUITE_SECONDS:-60}" $PY -m pytest -p no:cacheprovider -m "not slow" -v -rfE >"$OUT/pytest_default.log" 2>&1
 echo "exit status $?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest_default.log" | tail -30
 section done
