@@ -82,9 +82,13 @@ def generate(
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
     seed: int | None = None,
-    stop: str | tuple[str, ...] | list[str] = (),
+    stop: str | tuple[str, ...] | list[str] | None = (),
 ) -> Completion:
     """Complete ``prompt``; returns a Completion with ``.text``, ``.token_ids`` and ``.finish_reason``."""
+    if stop is None:
+        stop = ()  # no stop strings, as transformers' stop_strings=None
+    elif not isinstance(stop, (str, tuple, list)):
+        raise ConfigError(f"stop: must be a string or a list of non-empty strings; got {stop!r}")
     sample = SampleConfig(
         max_new_tokens=max_new_tokens,
         temperature=temperature,

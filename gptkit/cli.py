@@ -168,7 +168,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
     from gptkit.api import load, load_tokenizer
-    from gptkit.config import SampleConfig
+    from gptkit.config import MAX_SEED, SampleConfig
     from gptkit.generate import stream_text
     from gptkit.generate.generator import check_vocabularies, encode_prompt
 
@@ -192,7 +192,8 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     prompt = args.prompt
     if args.prompt_file:
         try:
-            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+            # Exactly as stored, as prepare reads a corpus: no newline translation ("\r\n" stays).
+            prompt = Path(args.prompt_file).read_bytes().decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read --prompt-file {args.prompt_file}: {exc}") from None
     encode_prompt(tokenizer, prompt, model.config.block_size)  # a bad prompt fails before anything prints
@@ -209,7 +210,8 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
             out.flush()
         out.write("\n")
         if sample.seed is not None:  # different samples, still reproducible
-            sample = dataclasses.replace(sample, seed=sample.seed + 1)
+            # Wrap at the top of the seed range (2**63 - 1) instead of failing after a sample.
+            sample = dataclasses.replace(sample, seed=(sample.seed + 1) % (MAX_SEED + 1))
     return 0
 
 

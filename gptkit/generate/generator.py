@@ -44,10 +44,13 @@ def decode_tokens(
     The arguments are checked here, when called (RequestError); the model runs in eval mode (no
     dropout) while the steps are drawn and gets its training mode back when they are done.
     """
-    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype.is_floating_point \
-            or prompt.dtype == torch.bool:
-        shown = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
-        raise RequestError(f"prompt must be a (batch, tokens) tensor of token ids; got {shown}")
+    # Token ids are int64 or int32: the dtypes the embedding (and the repetition penalty's
+    # scatter) take; anything else would fail inside the first step instead of here.
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype not in (torch.int64, torch.int32):
+        shown = f"{tuple(prompt.shape)} {prompt.dtype}" if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+        raise RequestError(
+            f"prompt must be a (batch, tokens) tensor of token ids; got {shown} (ids are int64 or int32)"
+        )
     try:
         SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      repetition_penalty=repetition_penalty)
@@ -59,6 +62,15 @@ def decode_tokens(
         raise RequestError("prompt must contain at least one token")
     if prompt_len > block_size:
         raise RequestError(f"prompt is {prompt_len} tokens, longer than the model's context of {block_size} tokens")
+    if prompt.shape[0] == 0:
+        raise RequestError("prompt must contain at least one row")
+    vocab_size = model.config.vocab_size
+    low, high = int(prompt.min()), int(prompt.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise RequestError(
+            f"prompt holds token id {bad}, outside the model's vocabulary of {vocab_size} (ids 0..{vocab_size - 1})"
+        )
     steps = _decode_steps(
         model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, generator=generator,
@@ -176,6 +188,11 @@ class _TextStream:
         if self.stopped:
             return ""
         self.pending += self.decoder.decode(b"", final=True)
+        # The flush can complete a stop string (one that ends in U+FFFD, the flushed tail's text).
+        found = [index for index in (self.pending.find(stop) for stop in self.stop) if index >= 0]
+        if found:
+            self.stopped = True
+            return self._emit(self.pending[: min(found)])
         return self._emit(self.pending)
 
     def _emit(self, text: str, keep: str = "") -> str:
@@ -245,6 +262,8 @@ def stream_text(
             break
     steps.close()
     tail = text.finish()
+    if text.stopped:
+        finish_reason = "stop"
     if tail:
         yield tail
     return Completion(text="".join(text.emitted), token_ids=new_ids, finish_reason=finish_reason)

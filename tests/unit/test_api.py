@@ -107,3 +107,16 @@ def test_a_single_stop_string_is_one_stop_string(tmp_path: Path) -> None:
     as_string = gptkit.generate(model, tokenizer, "a", max_new_tokens=24, temperature=0.0, stop=stop)
     as_list = gptkit.generate(model, tokenizer, "a", max_new_tokens=24, temperature=0.0, stop=[stop])
     assert as_string == as_list and as_string.text == text[:cut] and as_string.finish_reason == "stop"
+
+
+def test_generate_takes_stop_none_and_refuses_a_stop_that_is_not_text(tmp_path: Path) -> None:
+    from gptkit.errors import ConfigError
+
+    tokenizer = train_char_tokenizer(["hello world"])
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(BASE, vocab_size=tokenizer.vocab_size)).eval()
+    plain = gptkit.generate(model, tokenizer, "hello", max_new_tokens=6, temperature=0.0)
+    assert gptkit.generate(model, tokenizer, "hello", max_new_tokens=6, temperature=0.0, stop=None) == plain
+    for stop in (5, 1.5):
+        with pytest.raises(ConfigError, match="stop: must be"):
+            gptkit.generate(model, tokenizer, "hello", max_new_tokens=6, stop=stop)  # type: ignore[arg-type]

@@ -85,3 +85,36 @@ def test_convert_force_replaces_only_a_model_directory(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="exists and is not a directory"):
         _check_convert_destination(source, source, tmp_path / "file", force=True)
+
+
+def _tiny_checkpoint(directory: Path) -> None:
+    import torch
+
+    from gptkit.checkpoint import write_model_files
+    from gptkit.model import GPT, ModelConfig
+    from gptkit.tokenizer import train_char_tokenizer
+
+    tokenizer = train_char_tokenizer(["hello world\r\n"])
+    tokenizer.save(directory)
+    torch.manual_seed(0)
+    write_model_files(directory, GPT(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1,
+                                                 n_head=2, d_model=16)))
+
+
+def test_num_samples_at_the_largest_seed_draw_every_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _tiny_checkpoint(tmp_path / "ckpt")
+    code = main(["generate", str(tmp_path / "ckpt"), "--prompt", "he", "--max-new-tokens", "3",
+                 "--seed", str(2**63 - 1), "--num-samples", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "--- sample 2 ---" in captured.out
+
+
+def test_prompt_file_is_read_exactly_as_stored(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """As prepare reads a corpus: "\\r\\n" and a lone "\\r" reach the model (and the echo) unchanged."""
+    _tiny_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "prompt.txt").write_bytes(b"hello\r\nworld\r")
+    code = main(["generate", str(tmp_path / "ckpt"), "--prompt-file", str(tmp_path / "prompt.txt"),
+                 "--max-new-tokens", "0"])
+    assert code == 0
+    assert capsys.readouterr().out == "hello\r\nworld\r\n"

@@ -224,3 +224,33 @@ def test_the_earliest_stop_string_in_the_text_wins_whatever_their_order() -> Non
     for stops, expected in ((("c", "ab"), "x"), (("ab", "c"), "x"), (("cx", "xa"), "")):
         stream = _TextStream(tok, stops)
         assert stream.push(token[0]) == expected and stream.stopped, stops
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        (torch.tensor([[1, 2]], dtype=torch.uint8),
+         r"tensor of token ids; got \(1, 2\) torch.uint8 \(ids are int64 or int32\)"),
+        (torch.tensor([[1, 2]], dtype=torch.int16),
+         r"tensor of token ids; got \(1, 2\) torch.int16 \(ids are int64 or int32\)"),
+        (torch.tensor([[1, -1]]), "prompt holds token id -1, outside the model's vocabulary"),
+        (torch.tensor([[1, 10**6]]), "prompt holds token id 1000000, outside the model's vocabulary"),
+        (torch.zeros(0, 3, dtype=torch.long), "prompt must contain at least one row"),
+    ],
+)
+def test_decode_tokens_refuses_token_ids_the_model_cannot_embed(model, prompt, message) -> None:
+    """Checked by the call (RequestError), not an IndexError/RuntimeError from inside the first step."""
+    for penalty in (1.0, 1.3):  # the penalty's scatter would fail first with another error
+        with pytest.raises(RequestError, match=message):
+            decode_tokens(model, prompt, max_new_tokens=2, repetition_penalty=penalty)
+
+
+def test_a_stop_string_completed_by_the_final_flush_still_stops(model, tokenizer) -> None:
+    """An incomplete UTF-8 tail becomes U+FFFD only when the stream is flushed; a stop string
+    ending in it must still be found there (and not be printed)."""
+    a, lead_byte = tokenizer.encode("a")[0], tokenizer.encode("\u0800")[0]  # \u0800: 3 UTF-8 bytes, unseen
+    stream = _TextStream(tokenizer, ("a\ufffd",))
+    assert stream.push(a) == "" and stream.push(lead_byte) == ""
+    assert stream.finish() == "" and stream.stopped
+    without = _TextStream(tokenizer, ())
+    assert without.push(a) + without.push(lead_byte) + without.finish() == "a\ufffd"
