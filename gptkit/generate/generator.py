@@ -148,8 +148,9 @@ class Completion:
     """A finished generation: the new text, its token ids, and why it ended."""
 
     text: str
-    # Every token drawn, also those that formed a stop string (which ``text`` leaves out: a stop
-    # string can end inside a token, so the ids cannot always be cut to match the text).
+    # The tokens drawn that carry text, also those that formed a stop string (which ``text`` leaves
+    # out: a stop string can end inside a token, so the ids cannot always be cut to match the
+    # text); not the end-of-text token that ended a completion, nor a padded vocabulary's unused ids.
     token_ids: list[int]
     finish_reason: str  # "length" (max_new_tokens), "stop" (a stop string) or "eot" (end-of-text token)
 
