@@ -73,13 +73,21 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def _link_target(path: Path) -> Path:
+    """``path``, or the path a symbolic link there points to: replacing the link itself by a real
+    directory would move the data off the disk the user chose (and ``rmtree`` refuses links)."""
+    return path.resolve() if path.is_symlink() else path
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; on success it replaces ``path`` as a whole.
 
     If the block raises, the temporary directory is removed and ``path`` is left as it was.
+    A ``path`` that is a symbolic link (say ``data -> /big/disk/data``) keeps pointing where it
+    did: the directory it points to is the one replaced, and the temporary one is made next to it.
     """
-    target = Path(path)
+    target = _link_target(Path(path))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     # mkdtemp makes a private (0700) directory; give the result the usual permissions instead.
@@ -94,7 +102,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 def publish_directory(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
     """fsync every file under ``tmp``, then rename it to ``target``, replacing any old one whole."""
-    tmp, target = Path(tmp), Path(target)
+    tmp, target = Path(tmp), _link_target(Path(target))
     for child in tmp.rglob("*"):
         if child.is_file():
             with open(child, "rb+") as f:
@@ -102,7 +110,9 @@ def publish_directory(tmp: str | os.PathLike[str], target: str | os.PathLike[str
     if target.exists():
         # Rename the old one aside first so that at no moment is there no complete directory.
         old = target.with_name(f".{target.name}.old")
-        if old.exists():
+        if old.is_symlink() or old.is_file():  # not a directory of ours: never recurse into it
+            old.unlink()
+        elif old.exists():
             shutil.rmtree(old)
         os.replace(target, old)
         os.replace(tmp, target)

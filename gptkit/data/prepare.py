@@ -14,10 +14,12 @@ not at all, and a failed run leaves an earlier data set in its place untouched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -110,12 +112,29 @@ def _check_args(tokenizer: str, val_fraction: float, shard_tokens: int) -> None:
         raise ConfigError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
 
 
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """Turn an OSError of the output side (no permission, a file where a folder should be, a full
+    disk) into the one-line DataError of a user mistake; the corpus side raises DataError itself."""
+    try:
+        yield
+    except OSError as exc:
+        raise DataError(f"cannot write the prepared data to {out}: {exc.strerror or exc}") from None
+
+
 def _check_out_dir(out: Path) -> None:
     """Refuse to replace a non-empty directory that is not a prepared data set.
 
     ``atomic_directory`` swaps the whole directory, so a typo like ``--out .`` would otherwise
     delete unrelated files.
     """
+    resolved, cwd = out.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        # The directory is replaced whole: the shell would be left in a deleted directory.
+        raise DataError(
+            f"output directory {out} is or contains the current directory; choose another one, "
+            "such as a new subdirectory"
+        )
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -208,7 +227,8 @@ def prepare_dataset(
 
     _check_args(tokenizer, val_fraction, shard_tokens)
     out = Path(out_dir)
-    _check_out_dir(out)
+    with _writing(out):
+        _check_out_dir(out)
 
     # The corpus is streamed: three passes (count, train the tokenizer, encode), each holding one
     # document at a time, so memory does not grow with the corpus.
@@ -232,7 +252,7 @@ def prepare_dataset(
     dtype = token_dtype(dtype_name)
     eot = np.array([tok.eot_id], dtype=np.int64)
 
-    with atomic_directory(out) as tmp:
+    with _writing(out), atomic_directory(out) as tmp:
         writers = {split: _ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
         fingerprint = Fingerprint()  # of the texts as encoded, so it describes these very tokens
         try:
@@ -248,7 +268,8 @@ def prepare_dataset(
                     split = "val" if _held_out(index, f) else "train"
                     writers[split].write(np.concatenate([ids, eot]))
                 else:
-                    cut = len(ids) - int(len(ids) * val_fraction)
+                    # floor(n * f) in integers, as documented (int(90 * 0.7) is 62, not 63)
+                    cut = len(ids) - len(ids) * f.numerator // f.denominator
                     writers["train"].write(np.concatenate([ids[:cut], eot]))
                     if cut < len(ids):
                         writers["val"].write(np.concatenate([ids[cut:], eot]))
@@ -418,4 +439,9 @@ def load_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise DataError(f"{path} is corrupt (no field {exc}); run `gptkit prepare` again") from None
     except (TypeError, ValueError, DataError) as exc:
         raise DataError(f"{path} is corrupt ({exc}); run `gptkit prepare` again") from None
+    if not (Path(data_dir) / "tokenizer.json").is_file():
+        # Training would go on and write checkpoints that no one could sample from.
+        raise DataError(
+            f"no tokenizer.json in {data_dir}: the data set is damaged, run `gptkit prepare` again"
+        )
     return meta

@@ -8,6 +8,7 @@ no network for the download) is raised as a one-line :class:`~gptkit.errors.Data
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptkit.errors import DataError
+from gptkit.errors import DataError, first_line
 from gptkit.fileio import atomic_directory
 
 __all__ = [
@@ -222,6 +223,9 @@ def _binary_lines(path: Path) -> Iterator[bytes]:
         raise _read_error(path, exc) from None
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # a lone surrogate: JSON's "\ud800" escape allows one
+
+
 def _iter_jsonl(path: Path) -> Iterator[Document]:
     """The documents of a ``.jsonl`` file, read and decoded one line at a time.
 
@@ -232,6 +236,9 @@ def _iter_jsonl(path: Path) -> Iterator[Document]:
     stem = path.stem
     offset = 0  # bytes before the current line
     for lineno, raw in enumerate(_binary_lines(path), start=1):
+        if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # as Windows tools often write
+            raw = raw[len(codecs.BOM_UTF8) :]
+            offset = len(codecs.BOM_UTF8)
         try:
             line = raw.decode("utf-8")  # no UTF-8 sequence holds a b"\n" byte: safe to split
         except UnicodeDecodeError as exc:
@@ -242,19 +249,33 @@ def _iter_jsonl(path: Path) -> Iterator[Document]:
         try:
             record = json.loads(line)  # the "\r\n" or "\n" at the end is whitespace to JSON
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
+            what = exc.msg.removesuffix(" at")  # "Invalid control character at" leaves the place to us
+            raise DataError(f"{path}, line {lineno}: not valid JSON ({what} at column {exc.colno})") from None
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit number, arrays nested 100,000 deep
+            raise DataError(f"{path}, line {lineno}: cannot read this JSON ({first_line(exc)})") from None
         if not isinstance(record, dict) or "text" not in record:
             raise DataError(f'{path}, line {lineno}: expected an object with a "text" field')
         if not isinstance(record["text"], str):
             kind = type(record["text"]).__name__
             raise DataError(f'{path}, line {lineno}: "text" must be a string, not {kind}')
+        surrogate = _SURROGATE.search(record["text"])
+        if surrogate is not None:  # a "\ud800" escape: JSON allows it, Unicode text cannot hold it
+            raise DataError(
+                f'{path}, line {lineno}: "text" holds a lone surrogate {surrogate.group()!r} at '
+                f"position {surrogate.start()}, which is not a valid Unicode character"
+            )
         yield Document(f"{stem}:{lineno}", record["text"])
 
 
 def _txt_files(directory: Path) -> list[Path]:
     """All ``.txt`` files under ``directory``, sorted by relative path, skipping hidden entries."""
     found = []
-    for root, dirs, files in os.walk(directory):
+
+    def unreadable(exc: OSError) -> None:
+        # os.walk skips a folder it cannot list without a word: part of the corpus would be lost.
+        raise _read_error(Path(exc.filename or directory), exc)
+
+    for root, dirs, files in os.walk(directory, onerror=unreadable):
         # Hidden directories (.git, .cache, our own temporary ones) never hold corpus text.
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         found.extend(

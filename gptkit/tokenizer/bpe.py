@@ -43,7 +43,11 @@ _SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
 
 # Probe text checked on load: a tokenizer that does not reproduce it exactly (a normalizer,
 # add_prefix_space, a non-byte-level pre-tokenizer) is rejected rather than silently lossy.
-_PROBE = "Hello, world!  It's 3.14\t\u00e9\u0301 \u65e5\u672c\U0001F468\u200D\U0001F469\n\r\n\x00 <|endoftext|>x "
+# "e\u0301", "\u212b" and "\ufb01" are changed by NFC/NFD/NFKC/NFKD (Qwen2's tokenizer.json has NFC).
+_PROBE = (
+    "Hello, world!  It's 3.14\t\u00e9\u0301 e\u0301\u212b\ufb01 \u65e5\u672c\U0001F468\u200D\U0001F469"
+    "\n\r\n\x00 <|endoftext|>x "
+)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

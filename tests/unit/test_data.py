@@ -128,6 +128,10 @@ def test_load_jsonl(tmp_path):
         ("bad.jsonl", b'["text"]\n', "line 1"),
         ("bad.jsonl", b'{"text": "a"}\r\n\r\n{"text": 1}\r\n', "line 3"),
         ("bad.jsonl", b'{"text": "a"}\r{"text": 1}\n', "line 1: not valid JSON"),  # records end at "\n" only
+        ("bad.jsonl", b'{"text": "a"}\n{"text": "a\x00b"}\n', "line 2: not valid JSON (Invalid control character at column 12)"),
+        ("bad.jsonl", b'{"text": "ok"}\n' + b"[" * 100_000 + b"\n", "line 2: cannot read this JSON (maximum recursion"),
+        ("bad.jsonl", b'{"text": "ok"}\n{"text": "a", "id": ' + b"7" * 5000 + b"}\n", "line 2: cannot read this JSON"),
+        ("bad.jsonl", b'{"text": "ok"}\n{"text": "ab\\ud800"}\n', "line 2: \"text\" holds a lone surrogate '\\ud800' at position 2"),
         # The byte offset counts from the start of the file, not of the line.
         ("bad.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "(invalid byte at offset 28)"),
         ("corpus.csv", b"text\nhello\n", ".jsonl"),  # lists the allowed extensions
@@ -203,6 +207,77 @@ def test_unreadable_file_raises(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_bytes", denied)
     with pytest.raises(DataError, match="cannot read .*secret.txt: Permission denied"):
         load_documents(str(path))
+
+
+def test_unreadable_subdirectory_raises(tmp_path, monkeypatch):
+    # os.walk skips a folder it cannot list without a word: the corpus would silently shrink.
+    folder = write_corpus_dir(tmp_path / "corpus", {"a.txt": "one", "locked/b.txt": "two"})
+    real_scandir = os.scandir
+
+    def denied(path):  # chmod 000 would not stop root, so fake the permission error
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(DataError, match="cannot read .*locked: Permission denied"):
+        Corpus(str(folder))
+
+
+def test_jsonl_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "caf\xe9"}\n')
+    assert next(iter(Corpus(str(path)))).text == "first"
+    with pytest.raises(DataError, match="offset 34"):  # offsets still count the mark's 3 bytes
+        list(Corpus(str(path)))
+
+
+def test_prepare_into_an_unwritable_place_is_a_data_error(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(random_text(2000, 0))
+    with pytest.raises(DataError, match="cannot write the prepared data to .*c.txt/data"):
+        prepare_dataset(str(corpus), corpus / "data")  # a file where a folder should be
+
+
+def test_prepare_through_a_symlinked_data_dir(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(random_text(2000, 0))
+    real = tmp_path / "disk" / "data"
+    real.mkdir(parents=True)
+    link = tmp_path / "data"
+    link.symlink_to(real, target_is_directory=True)
+    for _ in range(2):  # the second run replaces a prepared data set through the link
+        meta = prepare_dataset(str(corpus), link)
+        assert link.is_symlink() and load_meta(real) == meta
+
+
+def test_cut_per_document_holds_out_exactly_floor_n_times_f(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcdefghij" * 9)  # 90 characters: floor(90 * 0.7) = 63 go to val
+    meta = prepare_dataset(str(corpus), tmp_path / "data", val_fraction=0.7)
+    assert meta["splits"]["val"]["tokens"] == 63 + 1  # int(90 * 0.7) is 62 in floating point
+
+
+@pytest.mark.parametrize("given", [".", "cwd", ".."])
+def test_prepare_refuses_the_current_directory(tmp_path, monkeypatch, given):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(random_text(2000, 0))
+    work = tmp_path / "work" / "empty"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    out = str(work) if given == "cwd" else given
+    with pytest.raises(DataError, match="is or contains the current directory"):
+        prepare_dataset(str(corpus), out)
+    assert work.is_dir() and not any(work.iterdir())
+
+
+def test_a_data_dir_without_its_tokenizer_is_refused(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(random_text(2000, 0))
+    prepare_dataset(str(corpus), tmp_path / "data")
+    (tmp_path / "data" / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match="no tokenizer.json in .*data: the data set is damaged"):
+        load_meta(tmp_path / "data")
 
 
 def test_fetch_shakespeare_without_network_says_how_to_fetch(tmp_path, monkeypatch):

@@ -63,3 +63,18 @@ def test_failure_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
         raise RuntimeError("interrupted")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]
+
+
+def test_a_symlinked_directory_is_replaced_through_the_link(tmp_path: Path) -> None:
+    # data -> elsewhere/real (the data on another disk): the link stays, the folder it names is replaced.
+    real = tmp_path / "elsewhere" / "real"
+    real.mkdir(parents=True)
+    (real / "old.txt").write_text("old")
+    link = tmp_path / "data"
+    link.symlink_to(real, target_is_directory=True)
+    with atomic_directory(link) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert sorted(p.name for p in real.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "elsewhere"]  # no .data.old left
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["real"]

@@ -475,3 +475,13 @@ def test_a_lone_surrogate_is_reported_at_its_position_in_the_whole_text(char_tok
     tok = char_tok if kind == "char" else bpe_tok
     with pytest.raises(TokenizerError, match="at position 14 "):
         tok.encode("x<|endoftext|>\ud800")
+
+
+@pytest.mark.parametrize("normalizer", ["NFC", "NFKC"])
+def test_a_unicode_normalizer_is_refused(bpe_tok: BPETokenizer, tmp_path: Path, normalizer: str) -> None:
+    # Qwen2's tokenizer.json has an NFC normalizer: "e\u0301" would come back as "\u00e9".
+    data = bpe_tok.to_dict()
+    data["normalizer"] = {"type": normalizer}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    _assert_one_line_error(path, "does not reproduce text exactly")
