@@ -6,9 +6,11 @@ A reader therefore sees either the old file or the complete new one, never half 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +81,32 @@ def _link_target(path: Path) -> Path:
     return path.resolve() if path.is_symlink() else path
 
 
+_HOST = socket.gethostname().replace(".", "_")  # no dots: the temporary names split on them
+
+
+def _remove_abandoned_temporaries(target: Path) -> None:
+    """Remove the temporary siblings of ``target`` left by processes of this host that died
+    (``kill -9``, a lost machine) before they could clean up: each would otherwise keep a partial
+    copy of a data set or checkpoint on disk for good. A live process's temporary is left alone,
+    and so are other hosts' (the folder may be on a shared file system)."""
+    prefix = f".{target.name}.{_HOST}."
+    for candidate in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid_text = candidate.name[len(prefix):].split(".", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _process_exists(int(pid_text)):
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, as another user's
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; on success it replaces ``path`` as a whole.
@@ -89,7 +117,9 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = _link_target(Path(path))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _remove_abandoned_temporaries(target)
+    owner = f"{_HOST}.{os.getpid()}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{owner}.", suffix=".tmp", dir=target.parent))
     # mkdtemp makes a private (0700) directory; give the result the usual permissions instead.
     os.chmod(tmp, 0o777 & ~_umask())
     try:

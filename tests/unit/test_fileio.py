@@ -78,3 +78,26 @@ def test_a_symlinked_directory_is_replaced_through_the_link(tmp_path: Path) -> N
     assert sorted(p.name for p in real.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "elsewhere"]  # no .data.old left
     assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["real"]
+
+
+def test_temporaries_of_dead_processes_on_this_host_are_removed(tmp_path: Path) -> None:
+    """`kill -9` during a write leaves the temporary sibling behind (no `finally` runs); the next
+    atomic write of the same directory removes it, but not a live process's or another host's."""
+    import subprocess
+    import sys
+
+    from gptkit.fileio import _HOST
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is free now (and not reused within this test in practice)
+    abandoned = tmp_path / f".data.{_HOST}.{dead.pid}.x1y2.tmp"
+    live = tmp_path / f".data.{_HOST}.{os.getppid()}.a1b2.tmp"
+    elsewhere = tmp_path / f".data.otherhost.{dead.pid}.c3d4.tmp"
+    for folder in (abandoned, live, elsewhere):
+        (folder / "train_00000.bin").parent.mkdir()
+        (folder / "train_00000.bin").write_bytes(b"partial")
+    with atomic_directory(tmp_path / "data") as tmp:
+        (tmp / "meta.json").write_text("{}")
+    assert not abandoned.exists()
+    assert live.exists() and elsewhere.exists()
+    assert (tmp_path / "data" / "meta.json").exists()
