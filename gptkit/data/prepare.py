@@ -3,7 +3,7 @@
 Layout of a prepared directory::
 
     tokenizer.json          the tokenizer trained on the whole corpus
-    train_00000.bin ...     raw little-endian token ids (uint16, or uint32 for vocabularies > 65535)
+    train_00000.bin ...     raw little-endian token ids (uint16, or uint32 for vocabularies over 65,536 ids)
     val_00000.bin ...
     meta.json               what is in the shards and what they were prepared from (see
                             ``prepare_dataset``)
@@ -248,7 +248,7 @@ def prepare_dataset(
         tok = train_char_tokenizer(texts)
     else:
         tok = train_bpe_tokenizer(texts, vocab_size, show_progress=progress)
-    dtype_name = "uint16" if tok.vocab_size <= 65535 else "uint32"
+    dtype_name = "uint16" if tok.vocab_size <= 2**16 else "uint32"  # ids 0..65535 fit in 16 bits
     dtype = token_dtype(dtype_name)
     eot = np.array([tok.eot_id], dtype=np.int64)
 

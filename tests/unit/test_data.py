@@ -432,12 +432,16 @@ def test_prepare_jsonl_and_bpe(tmp_path):
     assert meta["splits"]["val"]["tokens"] == len(val)
 
 
-def test_prepare_uses_uint32_for_large_vocabularies(tmp_path):
-    # 70,000 distinct characters from the supplementary planes give a char vocabulary > 65535.
-    text = "".join(chr(0x20000 + i) for i in range(70_000))
+@pytest.mark.parametrize("vocab_size, dtype", [(2**16, "uint16"), (2**16 + 1, "uint32")])
+def test_prepare_uses_uint32_only_when_ids_need_more_than_16_bits(tmp_path, vocab_size, dtype):
+    # Distinct characters from the supplementary planes; the char vocabulary adds its fixed ids.
+    from gptkit.tokenizer import train_char_tokenizer
+
+    fixed = train_char_tokenizer([""]).vocab_size
+    text = "".join(chr(0x20000 + i) for i in range(vocab_size - fixed))
     (tmp_path / "big.txt").write_text(text, encoding="utf-8")
     meta = prepare_dataset(str(tmp_path / "big.txt"), tmp_path / "data")
-    assert meta["dtype"] == "uint32" and meta["vocab_size"] > 65535
+    assert meta["dtype"] == dtype and meta["vocab_size"] == vocab_size
     tok = tokenizer_of(tmp_path / "data")
     ids = np.concatenate([read_split(tmp_path / "data", s) for s in ("train", "val")])
     assert (ids == tok.eot_id).sum() == 2  # after the train part and after the val part
