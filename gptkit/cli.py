@@ -60,11 +60,40 @@ def _unescape(text: str) -> str:
     return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
+_DOTTED_KEY = re.compile(r"--[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+_NUMBER = re.compile(r"-\.?\d")
+
+
+def _join_spaced_overrides(argv: list[str]) -> list[str]:
+    """``--train.max_steps 200`` as ``--train.max_steps=200``, the way most command lines take
+    values (argparse would otherwise read ``200`` as the recipe path). A value may be a negative
+    number but not another option."""
+    joined: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == "--":
+            joined.extend(argv[index:])
+            break
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if _DOTTED_KEY.fullmatch(arg) and following is not None and (
+            not following.startswith("-") or _NUMBER.match(following)
+        ):
+            joined.append(f"{arg}={following}")
+            index += 2
+        else:
+            joined.append(arg)
+            index += 1
+    return joined
+
+
 def _split_overrides(parser: argparse.ArgumentParser, extra: list[str]) -> list[str]:
     """Unknown arguments must be dotted overrides; anything else is a usage error."""
     overrides = []
     for arg in extra:
         body = arg[2:] if arg.startswith("--") else ""
+        if _DOTTED_KEY.fullmatch(arg):
+            parser.error(f"{arg} needs a value: {arg}=VALUE or {arg} VALUE")
         if "=" not in body or "." not in body.split("=", 1)[0]:
             parser.error(f"unrecognized argument {arg!r} (overrides look like --section.field=value)")
         overrides.append(arg)
@@ -90,9 +119,10 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
         val_fraction=data.val_fraction,
         progress=True,
     )
-    splits = meta["splits"]
+    splits, documents = meta["splits"], meta["documents"]
     print(
-        f"prepared {data.source} -> {data.dir}: {meta['documents']} documents, vocabulary {meta['vocab_size']}, "
+        f"prepared {data.source} -> {data.dir}: {documents} document{'' if documents == 1 else 's'}, "
+        f"vocabulary {meta['vocab_size']}, "
         f"{splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens "
         f"({meta['dtype']}) in {time.perf_counter() - started:.1f}s"
     )
@@ -465,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_join_spaced_overrides(sys.argv[1:] if argv is None else list(argv)))
     subparser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
     overrides = _split_overrides(subparser, extra)
     logging.basicConfig(

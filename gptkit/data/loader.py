@@ -71,8 +71,8 @@ class TokenSplit:
             length -= len(piece)
             shard += 1
         if len(pieces) == 1:
-            return np.asarray(pieces[0])
-        return np.concatenate(pieces) if pieces else np.empty(0, self.dtype)
+            return self._checked(np.asarray(pieces[0]))
+        return self._checked(np.concatenate(pieces) if pieces else np.empty(0, self.dtype))
 
     def gather(self, starts: np.ndarray, length: int) -> np.ndarray:
         """Windows of ``length`` tokens at each of ``starts`` (shape (N,)), as shape (N, length).
@@ -84,13 +84,24 @@ class TokenSplit:
             raise IndexError(f"a window of {length} tokens falls outside [0, {len(self)})")
         index = starts[:, None] + np.arange(length, dtype=np.int64)  # (N, length) global positions
         if len(self.shards) == 1:
-            return np.asarray(self.shards[0][index])
+            return self._checked(np.asarray(self.shards[0][index]))
         out = np.empty(index.shape, dtype=self.dtype)
         owner = np.searchsorted(self.ends, index, side="right")  # shard of each position
         for shard in np.unique(owner):
             mask = owner == shard
             out[mask] = self.shards[shard][index[mask] - self.starts[shard]]
-        return out
+        return self._checked(out)
+
+    def _checked(self, tokens: np.ndarray) -> np.ndarray:
+        """``tokens``, after making sure each is an id of the vocabulary: a damaged shard would
+        otherwise fail deep inside the model's embedding (an IndexError, or a device assert on CUDA)."""
+        if tokens.size and int(tokens.max()) >= self.meta["vocab_size"]:
+            raise DataError(
+                f"the {self.split} shards of {self.data_dir} hold token id {int(tokens.max())}, outside the "
+                f"vocabulary of {self.meta['vocab_size']} in meta.json; the data set is damaged, run "
+                "`gptkit prepare` again"
+            )
+        return tokens
 
 
 def _to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gptkit.cli import _check_convert_destination, _check_recipe_path, _unescape, build_parser, main
+from gptkit.cli import (
+    _check_convert_destination, _check_recipe_path, _join_spaced_overrides, _unescape, build_parser, main,
+)
 from gptkit.errors import ConfigError
 
 
@@ -16,6 +18,28 @@ def test_usage_mistakes_are_one_line_naming_the_help(capsys: pytest.CaptureFixtu
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err == "error: argument --stop: expected one argument (see `gptkit generate --help`)\n"
+
+
+@pytest.mark.parametrize("typed, meant", [
+    (["--train.max_steps", "200"], ["--train.max_steps=200"]),
+    (["--train.lr", "-1e-3", "x.yaml"], ["--train.lr=-1e-3", "x.yaml"]),
+    (["--data.source", "notes.txt", "--train.compile=true"], ["--data.source=notes.txt", "--train.compile=true"]),
+    (["--train.compile", "-v"], ["--train.compile", "-v"]),  # an option is not a value
+    (["--", "--train.max_steps", "2"], ["--", "--train.max_steps", "2"]),
+    (["--prompt", "x.y"], ["--prompt", "x.y"]),  # only dotted keys are joined
+])
+def test_overrides_take_their_value_after_a_space(typed: list[str], meant: list[str]) -> None:
+    assert _join_spaced_overrides(typed) == meant
+
+
+def test_an_override_without_a_value_names_both_forms(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--train.compile"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: --train.compile needs a value: --train.compile=VALUE or --train.compile VALUE "
+        "(see `gptkit train --help`)\n"
+    )
 
 
 def test_verbose_works_before_and_after_the_command() -> None:

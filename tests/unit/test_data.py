@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import string
 import subprocess
 import tarfile
@@ -883,6 +884,24 @@ def test_token_split_detects_missing_or_damaged_shards(tmp_path, dataset):
     (copy / "val_00000.bin").unlink()
     with pytest.raises(DataError, match="val_00000.bin is missing"):
         TokenSplit(copy, "val")
+
+
+def test_token_ids_outside_the_vocabulary_are_a_damaged_data_set(tmp_path, dataset):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in dataset.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    vocab_size = load_meta(copy)["vocab_size"]
+    shard = np.memmap(copy / "train_00001.bin", dtype=TokenSplit(copy, "train").dtype, mode="r+")
+    shard[3] = vocab_size  # one past the last id
+    shard.flush()
+    split = TokenSplit(copy, "train")
+    np.testing.assert_array_equal(split.window(0, 5), read_split(dataset, "train")[:5])  # clean parts still read
+    message = f"train shards of {copy} hold token id {vocab_size}, outside the vocabulary of {vocab_size}"
+    with pytest.raises(DataError, match=re.escape(message)):
+        split.window(0, len(split))
+    with pytest.raises(DataError, match=re.escape(message)):
+        split.gather(np.array([0, int(split.starts[1])]), 10)
 
 
 def test_batches_are_shifted_windows_of_the_split(dataset):
