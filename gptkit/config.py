@@ -240,7 +240,7 @@ class TrainConfig:
     optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for hidden matrices, AdamW for the rest
     muon_momentum: float = 0.95
     schedule: Literal["cosine", "wsd"] = "cosine"
-    decay_fraction: float = 0.2  # wsd: share of training spent decaying to min_lr
+    decay_fraction: float = 0.2  # wsd: share of the post-warm-up steps spent decaying to min_lr
     # Wall-clock budget: stop when spent. The schedule then follows the clock, unless lr_decay_steps is set.
     max_seconds: float | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -272,6 +272,11 @@ class TrainConfig:
         _require(self.min_lr <= self.lr, "train.min_lr", f"must be <= train.lr ({self.lr}); got {self.min_lr}")
         if self.lr_decay_steps is not None:
             _positive(self.lr_decay_steps, "train.lr_decay_steps")
+            # The decay starts after warm-up: ending it before would drop lr to min_lr in one step.
+            _require(
+                self.lr_decay_steps > self.warmup_steps, "train.lr_decay_steps",
+                f"must be > train.warmup_steps ({self.warmup_steps}); got {self.lr_decay_steps}",
+            )
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             _require(0.0 <= value < 1.0, f"train.{name}", f"must be in [0, 1); got {value}")

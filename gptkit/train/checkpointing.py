@@ -271,8 +271,15 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> di
     """Restore optimizer and RNG states from ``directory``; return the trainer state dict."""
     state = read_trainer_state(directory)
     tensors = _read_tensors(directory, OPTIMIZER_FILE)
+    # The hyper-parameters (weight decay, betas, eps, Muon momentum, ...) are this run's, as in the
+    # sharded loaders: a resume may override them (`--resume --train.weight_decay=0`) and the
+    # checkpoint it writes records the run config, so the optimizer must follow that config.
+    # Loading the saved groups first still checks that the grouping fits (adamw vs muon).
+    current = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(_optimizer_state_dict(tensors, state["optimizer"]))
+        for group, hyper in zip(optimizer.param_groups, current, strict=True):
+            group.update(hyper)
         _restore_rng(state)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(

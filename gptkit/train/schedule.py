@@ -1,8 +1,11 @@
 """Learning-rate schedules as pure functions of training progress.
 
 Warm-up is counted in steps. After it, ``progress`` runs from 0 to 1: by default the fraction of
-the steps up to ``lr_decay_steps`` (or max_steps); under a wall-clock budget (train.max_seconds)
-the trainer passes the fraction of the time used instead, so the decay ends when time runs out.
+the post-warm-up steps up to ``lr_decay_steps`` (or max_steps) done before ``step`` (0-based), so
+it reaches 1 at step ``lr_decay_steps`` and the last step of a run decaying over max_steps gets a
+rate just above min_lr (transformers' ``get_cosine_schedule_with_warmup`` counts the same way).
+Under a wall-clock budget (train.max_seconds) the trainer passes the fraction of the time used
+instead, so the decay ends when time runs out.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ def learning_rate(step: int, config: TrainConfig, progress: float | None = None)
 
     - cosine: half a cosine from lr to min_lr over the whole post-warm-up phase;
     - wsd (warm-up, stable, decay): constant lr, then a linear decay to min_lr over the last
-      ``decay_fraction`` of training (Hu et al., 2024), which lets a run be extended or cut short
-      without retuning.
+      ``decay_fraction`` of the post-warm-up phase (Hu et al., 2024), which lets a run be extended
+      or cut short without retuning.
     """
     if step < config.warmup_steps:
         return config.lr * (step + 1) / (config.warmup_steps + 1)

@@ -37,6 +37,8 @@ def test_every_bundled_recipe_loads() -> None:
         (["--train.max_steps=many"], "train.max_steps: must be an integer; got 'many'"),
         (["--train.lr=0"], "train.lr: must be > 0"),
         (["--train.min_lr=1"], "train.min_lr: must be <= train.lr"),
+        (["--train.warmup_steps=50", "--train.lr_decay_steps=50"],
+         "train.lr_decay_steps: must be > train.warmup_steps (50); got 50"),
         (["--data.tokenizer=wordpiece"], "data.tokenizer: must be one of char, bpe"),
         (["--model.bias=maybe"], "model.bias: must be true or false"),
         (["--train.max_steps"], "must look like --section.field=value"),

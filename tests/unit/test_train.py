@@ -421,3 +421,27 @@ def test_throughput_counts_the_tokens_of_any_batch_source(tmp_path: Path) -> Non
     summary = trainer.fit(on_step=steps.append)
     assert summary.tokens_per_second > 0 and all(m.tokens_per_second > 0 for m in steps)
     assert trainer.train_batches_shape() == (3, 8)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "key", "expected"),
+    [
+        ({"weight_decay": 0.5}, {"weight_decay": 0.0}, "weight_decay", 0.0),
+        ({"beta2": 0.95}, {"beta2": 0.99}, "betas", (0.9, 0.99)),
+        ({"optimizer": "muon", "muon_momentum": 0.95}, {"optimizer": "muon", "muon_momentum": 0.5}, "momentum", 0.5),
+    ],
+)
+def test_resume_takes_optimizer_hyper_parameters_from_this_run(tmp_path: Path, before, after, key, expected) -> None:
+    # `gptkit train --resume --train.weight_decay=0` puts the new value in the run config the
+    # checkpoint records: the optimizer must use it too, not the value saved with the old run.
+    first = _tiny_trainer(tmp_path / "run", **before)
+    first.train_step()
+    first.save_checkpoint()
+    second = _tiny_trainer(tmp_path / "run", **after)
+    second.resume(tmp_path / "run" / "checkpoint")
+    groups = [g for g in second.optimizer.param_groups if key != "momentum" or g["use_muon"]]
+    assert groups and all((tuple(g[key]) if key == "betas" else g[key]) == expected for g in groups)
+    # The per-parameter state still comes from the checkpoint (exact resume).
+    saved, loaded = first.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[i][k], loaded[i][k]) for i in saved for k in saved[i])
