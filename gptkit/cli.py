@@ -430,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None,
                           help="random seed for reproducible samples (default: a fresh one each run)")
     generate.add_argument("--stop", action="append",
-                          help="stop when this string appears (repeatable); \\n, \\t, \\r and \\\\ are read as escapes")
+                          help="stop when this string appears (repeatable); \\n, \\t, \\r and \\\\ are read as escapes; "
+                               "write --stop=-x for a string that starts with '-'")
     generate.add_argument("--num-samples", type=int, default=1, help="samples to draw, one after the other (default 1)")
     generate.add_argument("--tokenizer", help="tokenizer.json or a directory holding one (default: the checkpoint's)")
     generate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
