@@ -30,10 +30,12 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = "".join(f"ROMEO {i}: But soft, what light through yonder window breaks? It is the east.\n" for i in range(300))
+# init_std 0.2 instead of GPT-2's 0.02: logits far apart, so greedy comparisons between kernels
+# that round differently are not decided by near-ties.
 SHAPES = {
-    "gpt2": ModelConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, d_model=64),
+    "gpt2": ModelConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, d_model=64, init_std=0.2),
     "llama": ModelConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, d_model=64, position="rope",
-                         norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False),
+                         norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False, init_std=0.2),
 }
 
 
@@ -72,7 +74,7 @@ def test_forward_on_cuda_matches_cpu_in_fp32(name: str) -> None:
     diff = float((expected - got).abs().max())
     report(f"forward_cuda_vs_cpu[{name}]", max_abs_diff=diff)
     assert got.shape == (3, 64, 97)
-    assert diff < 1e-4
+    assert diff < 1e-4 * max(1.0, float(expected.abs().max()))  # fp32 rounding, relative to the logits' size
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -116,7 +118,7 @@ def test_hugging_face_export_on_cuda_matches(name: str) -> None:
         back = from_hf(hf.cpu()).cuda().eval()(tokens)
     diffs = float((ours - theirs).abs().max()), float((ours - back).abs().max())
     report(f"hf_parity_cuda[{name}]", to_hf_max_abs_diff=diffs[0], from_hf_max_abs_diff=diffs[1])
-    assert max(diffs) < 1e-4
+    assert max(diffs) < 1e-4 * max(1.0, float(ours.abs().max()))
 
 
 # --- the command line on cuda ---------------------------------------------------------------------
