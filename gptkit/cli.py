@@ -15,6 +15,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from gptkit.errors import ConfigError, GptkitError
 
@@ -194,6 +195,25 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 # ---------------------------------------------------------------------------------- generate
 
 
+def _recipe_sample_settings(checkpoint: str) -> dict[str, Any]:
+    """The ``sample`` section of the run config saved with a gptkit checkpoint ({} for a Hugging
+    Face directory, or a checkpoint written without one)."""
+    from gptkit.api import resolve_checkpoint_dir
+    from gptkit.checkpoint import read_checkpoint_config
+    from gptkit.config import SampleConfig
+    from gptkit.model.hf import is_hf_directory
+
+    directory = resolve_checkpoint_dir(checkpoint)
+    if is_hf_directory(directory):
+        return {}
+    run = read_checkpoint_config(directory).get("run")
+    section = run.get("sample") if isinstance(run, dict) else None
+    if not isinstance(section, dict):
+        return {}
+    known = {f.name for f in dataclasses.fields(SampleConfig)}
+    return {name: value for name, value in section.items() if name in known}
+
+
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
@@ -206,17 +226,22 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError(f"generate takes no recipe overrides; got {overrides[0]!r} (see gptkit generate --help)")
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1; got {args.num_samples}")
-    sample = SampleConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=tuple(_unescape(stop) for stop in args.stop or ()),
-    )
+    given = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": tuple(_unescape(stop) for stop in args.stop) if args.stop else None,
+    }
+    given = {name: value for name, value in given.items() if value is not None}
+    SampleConfig(**given)  # a bad flag fails before the model is read
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load(args.checkpoint, device=device)
+    # The flags given win over the recipe's sample section stored with the checkpoint, which wins
+    # over SampleConfig's defaults.
+    sample = SampleConfig(**{**_recipe_sample_settings(args.checkpoint), **given})
     tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
     check_vocabularies(model, tokenizer)  # before anything is printed
     prompt = args.prompt
@@ -420,14 +445,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("checkpoint", help="checkpoint or run directory (e.g. out/shakespeare-char)")
     generate.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     generate.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    generate.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    generate.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (default: all)")
-    generate.add_argument("--top-p", type=float, default=None,
+    # Sampling flags left out take the recipe's `sample:` section saved with the checkpoint, then
+    # the defaults named in the help.
+    generate.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 200)")
+    generate.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
+    generate.add_argument("--top-k", type=int, help="sample from the k likeliest tokens (default: all)")
+    generate.add_argument("--top-p", type=float,
                           help="sample from the smallest set of tokens whose probabilities reach p (default: off)")
-    generate.add_argument("--repetition-penalty", type=float, default=1.0,
+    generate.add_argument("--repetition-penalty", type=float,
                           help="> 1 makes tokens already in the text less likely (CTRL-style; default 1.0 = off)")
-    generate.add_argument("--seed", type=int, default=None,
+    generate.add_argument("--seed", type=int,
                           help="random seed for reproducible samples (default: a fresh one each run)")
     generate.add_argument("--stop", action="append",
                           help="stop when this string appears (repeatable); \\n, \\t, \\r and \\\\ are read as escapes; "

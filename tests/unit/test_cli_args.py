@@ -142,3 +142,36 @@ def test_prompt_file_is_read_exactly_as_stored(tmp_path: Path, capsys: pytest.Ca
                  "--max-new-tokens", "0"])
     assert code == 0
     assert capsys.readouterr().out == "hello\r\nworld\r\n"
+
+
+def test_generate_takes_the_recipes_sample_settings_and_flags_win(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from gptkit.checkpoint import write_model_files
+    from gptkit.model import GPT, ModelConfig
+    from gptkit.tokenizer import train_char_tokenizer
+
+    tokenizer = train_char_tokenizer(["hello world"])
+    tokenizer.save(tmp_path / "ckpt")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, d_model=16))
+    recipe = {"sample": {"max_new_tokens": 5, "temperature": 0.0, "top_k": None, "top_p": None,
+                         "repetition_penalty": 1.0, "seed": None, "stop": []}}
+    write_model_files(tmp_path / "ckpt", model, {"run": recipe})
+
+    def sample(*flags: str) -> str:
+        assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "he", *flags]) == 0
+        return capsys.readouterr().out
+
+    def greedy(n: int) -> str:
+        ids = tokenizer.encode("he")
+        with torch.no_grad():
+            for _ in range(n):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        return tokenizer.decode(ids) + "\n"
+
+    assert greedy(5) != greedy(9)
+    assert sample() == greedy(5)  # the recipe's 5 tokens at temperature 0
+    assert sample("--max-new-tokens", "9") == greedy(9)  # the flag wins, the recipe's temperature stays
