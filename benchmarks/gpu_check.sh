@@ -12,8 +12,9 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: OUT may be given as /abs/path or as a folder of the checkout
 PY=${PYTHON:-python3}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 GPTKIT_GPU_REPORT=$PWD/$OUT/gpu_report.jsonl
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 GPTKIT_GPU_REPORT=$OUT/gpu_report.jsonl
 rm -f "$GPTKIT_GPU_REPORT"
 section() { printf '\n===== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
@@ -37,6 +38,6 @@ timeout 150 $PY benchmarks/gpu.py --steps 10 2>&1 | tee "$OUT/gpu_bench.md"
 
 section "default test suite with CUDA present"
 # -v into the log, so a run cut short by the timeout still names each test's outcome.
-timeout "${SUITE_SECONDS:-60}" $PY -m pytest -p no:cacheprovider -m "not slow" -v -rfE >"$OUT/pytest_default.log" 2>&1
+timeout "${SUITE_SECONDS:-60}" $PY -m pytest -p no:cacheprovider -m "not slow and not gpu" -v -rfE >"$OUT/pytest_default.log" 2>&1
 echo "exit status $?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest_default.log" | tail -30
 section done

@@ -81,28 +81,46 @@ def _link_target(path: Path) -> Path:
     return path.resolve() if path.is_symlink() else path
 
 
-_HOST = socket.gethostname().replace(".", "_")  # no dots: the temporary names split on them
+def _pid_namespace() -> str:
+    """An id of this process's PID namespace ("" where there is none to read): containers that
+    share the host's name (``docker run --network=host``) number their processes apart, so a pid
+    seen from one of them says nothing about the processes of another."""
+    try:
+        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return ""
+    return "".join(c for c in link if c.isdigit())
+
+
+# Who owns a temporary: the host and its PID namespace, where a pid can be checked. No dots: the
+# temporary names split on them.
+_HOST = "-".join(filter(None, [socket.gethostname().replace(".", "_"), _pid_namespace()]))
 
 
 def _remove_abandoned_temporaries(target: Path) -> None:
     """Remove the temporary siblings of ``target`` left by processes of this host that died
     (``kill -9``, a lost machine) before they could clean up: each would otherwise keep a partial
     copy of a data set or checkpoint on disk for good. A live process's temporary is left alone,
-    and so are other hosts' (the folder may be on a shared file system)."""
+    and so are other hosts' and other PID namespaces' (the folder may be on a shared file system,
+    or shared with containers), and any name this code did not write."""
     prefix = f".{target.name}.{_HOST}."
     for candidate in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         pid_text = candidate.name[len(prefix):].split(".", 1)[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _process_exists(int(pid_text)):
+        if not (pid_text.isascii() and pid_text.isdigit()):  # "²".isdigit() is True too
+            continue
+        pid = int(pid_text)
+        if pid == os.getpid() or _process_exists(pid):
             continue
         shutil.rmtree(candidate, ignore_errors=True)
 
 
 def _process_exists(pid: int) -> bool:
+    """Whether ``pid`` may be a live process; True (leave it alone) when that cannot be told."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # PermissionError: it exists, as another user's
+    except (OSError, OverflowError):  # PermissionError: another user's; OverflowError: no pid at all
         return True
     return True
 

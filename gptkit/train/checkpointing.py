@@ -10,7 +10,8 @@
 The directory is written to a temporary sibling and renamed into place, so a crash while saving
 leaves the previous checkpoint whole.
 
-Under a process group of several ranks the model and optimizer go through
+Under a process group of several ranks, or of one rank whose parameters are DTensors (FSDP2
+under torchrun with one process), the model and optimizer go through
 ``torch.distributed.checkpoint`` (DCP) instead, so each rank writes its own shards (replicated
 DDP tensors are written once; FSDP2/TP DTensors shard by shard):
 

@@ -81,10 +81,17 @@ def resume_run_config(config: RunConfig, overrides: list[str] | tuple[str, ...] 
     if not isinstance(stored.get("run"), dict):
         raise CheckpointError(f"{checkpoint_dir} holds no training run config, so it cannot be resumed")
     try:
-        run_config_from_dict(stored["run"])
-    except ConfigError as exc:
-        raise CheckpointError(f"{checkpoint_dir}: stored run config is not valid ({exc})") from None
-    return run_config_from_dict(apply_overrides(stored["run"], overrides))
+        return run_config_from_dict(apply_overrides(stored["run"], overrides))
+    except ConfigError:
+        # The overrides may be what makes an older run's config valid again (a check added since
+        # it was saved): only a stored config that stays invalid is the checkpoint's fault.
+        try:
+            run_config_from_dict(stored["run"])
+        except ConfigError as exc:
+            raise CheckpointError(
+                f"{checkpoint_dir}: stored run config is not valid ({exc}); override that field to resume"
+            ) from None
+        raise
 
 
 def build_trainer(config: RunConfig, *, progress: bool = False) -> Trainer:

@@ -101,3 +101,54 @@ def test_temporaries_of_dead_processes_on_this_host_are_removed(tmp_path: Path) 
     assert not abandoned.exists()
     assert live.exists() and elsewhere.exists()
     assert (tmp_path / "data" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("pid_text", ["99999999999999999999", "\u00b2"])
+def test_a_temporary_whose_pid_is_no_pid_is_left_alone(tmp_path: Path, pid_text: str) -> None:
+    """A sibling that only looks like ours (a pid no process can have, a non-ASCII digit) must not
+    stop the write (it raised OverflowError / ValueError) nor be deleted."""
+    from gptkit.fileio import _HOST
+
+    odd = tmp_path / f".data.{_HOST}.{pid_text}.x1y2.tmp"
+    odd.mkdir()
+    with atomic_directory(tmp_path / "data") as tmp:
+        (tmp / "meta.json").write_text("{}")
+    assert odd.is_dir() and (tmp_path / "data" / "meta.json").exists()
+
+
+def _host_of_another_pid_namespace() -> str | None:
+    """``_HOST`` as a process in a new PID namespace (a container sharing this host's name, as
+    ``docker run --network=host`` does) computes it; None where no namespace can be made."""
+    import subprocess
+    import sys
+
+    code = "from gptkit.fileio import _HOST; print(_HOST)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))}
+    for unshare in (["unshare", "--pid", "--fork"], ["unshare", "--user", "--map-root-user", "--pid", "--fork"]):
+        try:
+            result = subprocess.run([*unshare, sys.executable, "-c", code], env=env, capture_output=True,
+                                    text=True, timeout=60)
+        except OSError:
+            return None
+        if result.returncode == 0:
+            return result.stdout.strip()
+    return None
+
+
+def test_a_temporary_of_another_pid_namespace_is_left_alone(tmp_path: Path) -> None:
+    """Its writer's pid means nothing in this namespace: that no process here has it does not
+    make the writer dead (it deleted a live container's half-written data set)."""
+    import subprocess
+    import sys
+
+    other_host = _host_of_another_pid_namespace()
+    if other_host is None:
+        pytest.skip("cannot create a PID namespace here (unshare)")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # no process of this namespace has its pid now; the writer's namespace may
+    theirs = tmp_path / f".data.{other_host}.{dead.pid}.x1y2.tmp"
+    theirs.mkdir()
+    with atomic_directory(tmp_path / "data") as tmp:
+        (tmp / "meta.json").write_text("{}")
+    assert theirs.is_dir()

@@ -42,3 +42,24 @@ def test_measuring_code_runs_on_a_tiny_model(mode: str, monkeypatch) -> None:
     tokens_per_second, fpt = bench.train_tokens_per_second(mode, args, torch.device("cpu"))
     assert tokens_per_second > 0 and fpt > 6 * 64 * 16
     assert bench.decode_tokens_per_second(2, args, torch.device("cpu")) > 0
+
+
+def test_gpu_check_writes_its_report_under_an_absolute_out(tmp_path: Path) -> None:
+    """OUT=/abs/path (as a job folder is given) must hold gpu_report.jsonl: $PWD/$OUT named a
+    folder that does not exist, and every CUDA test failed writing its measurements."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+    # A stand-in for python: where the CUDA tests run, write a report line as they do.
+    (stubs / "python").write_text(
+        '#!/bin/sh\ncase "$*" in *tests/gpu*) echo "{}" >> "$GPTKIT_GPU_REPORT" || exit 1;; esac\nexit 0\n'
+    )
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "OUT": str(out),
+           "PYTHON": str(stubs / "python"), "SUITE_SECONDS": "5"}
+    script = SCRIPT.parent / "gpu_check.sh"
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (out / "gpu_report.jsonl").read_text() == "{}\n", result.stdout

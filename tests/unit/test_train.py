@@ -445,3 +445,19 @@ def test_resume_takes_optimizer_hyper_parameters_from_this_run(tmp_path: Path, b
     saved, loaded = first.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
     assert saved.keys() == loaded.keys()
     assert all(torch.equal(saved[i][k], loaded[i][k]) for i in saved for k in saved[i])
+
+
+def test_resume_of_a_run_whose_stored_config_a_newer_check_refuses(corpus: Path, tmp_path: Path) -> None:
+    """An older gptkit accepted lr_decay_steps <= warmup_steps: its checkpoint must still resume
+    once the command line overrides the field, and without that the error names the field."""
+    overrides = recipe(corpus, tmp_path / "run", max_steps=2)
+    run_training(load_run_config(None, overrides))
+    config_path = tmp_path / "run" / "checkpoint" / "config.json"
+    stored = json.loads(config_path.read_text())
+    stored["run"]["train"]["lr_decay_steps"] = stored["run"]["train"]["warmup_steps"]  # as an older gptkit wrote
+    config_path.write_text(json.dumps(stored))
+    config = load_run_config(None, overrides)
+    with pytest.raises(CheckpointError, match="stored run config is not valid .*train.lr_decay_steps"):
+        resume_run_config(config, ["--train.max_steps=4"])
+    resumed = resume_run_config(config, ["--train.max_steps=4", "--train.lr_decay_steps=4"])
+    assert resumed.train.lr_decay_steps == 4 and resumed.train.max_steps == 4
