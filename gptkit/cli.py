@@ -511,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu", default="H100", help="A100, H100 or H200 (default H100)")
     plan.add_argument("--gpus", type=int, default=1, help="number of GPUs (default 1)")
     plan.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "tp", "fsdp+tp"])
-    plan.add_argument("--tp", type=int, help="tensor-parallel degree (default: all GPUs for tp; for fsdp+tp the largest of 8, 4, 2 that leaves 2 data-parallel groups)")
+    plan.add_argument("--tp", type=int, help="tensor-parallel degree (default: all GPUs for tp; for fsdp+tp the largest of 8, 4, 2 that divides "
+                           "the head count and leaves 2 data-parallel groups)")
     plan.add_argument("--tokens", help="training tokens, e.g. 300e9 or 300B (default: 20 per parameter)")
     plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (default 0.4)")
     plan.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
