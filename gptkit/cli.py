@@ -11,7 +11,9 @@ import argparse
 import dataclasses
 import fnmatch
 import logging
+import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -310,6 +312,9 @@ def _check_convert_destination(given: Path, source: Path, destination: Path, *, 
 def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     from gptkit.api import load, load_tokenizer, resolve_checkpoint_dir
     from gptkit.checkpoint import TOKENIZER_FILE, write_model_files
+    from safetensors import SafetensorError
+
+    from gptkit.errors import first_line
     from gptkit.fileio import atomic_directory
     from gptkit.model.hf import is_hf_directory, save_hf
 
@@ -321,16 +326,21 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     target = args.to or ("gptkit" if is_hf_directory(source) else "hf")
     model = load(source)
     tokenizer = source / TOKENIZER_FILE
-    if target == "hf":
-        eot_id = load_tokenizer(tokenizer).eot_id if tokenizer.exists() else None
-        save_hf(model, destination, tokenizer_json_path=tokenizer if tokenizer.exists() else None, eot_id=eot_id)
-    else:
-        import shutil
+    eot_id = load_tokenizer(tokenizer).eot_id if target == "hf" and tokenizer.exists() else None
+    try:
+        if target == "hf":
+            save_hf(model, destination, tokenizer_json_path=tokenizer if tokenizer.exists() else None, eot_id=eot_id)
+        else:
+            import shutil
 
-        with atomic_directory(destination) as tmp:
-            write_model_files(tmp, model)
-            if tokenizer.exists():
-                shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+            with atomic_directory(destination) as tmp:
+                write_model_files(tmp, model)
+                if tokenizer.exists():
+                    shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+    except (OSError, SafetensorError) as exc:  # a full disk, a read-only place, a file in the way
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        raise ConfigError(f"cannot write {destination}: {reason}{where}; nothing was written there") from None
     print(f"converted {source} -> {destination} ({target}, {model.num_parameters():,} parameters)")
     return 0
 
@@ -532,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    previous = _catch_sigterm()
     try:
         return args.func(args, overrides)
     except GptkitError as exc:
@@ -540,8 +551,40 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM (what torchrun, schedulers and ``kill`` send) arrived: unwind like Ctrl-C, so that
+    every temporary file and directory is removed on the way out, and say so in one line."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _catch_sigterm() -> Any:
+    """Turn SIGTERM into :class:`Terminated` while a command runs; returns the handler it replaced
+    (None when left alone: not the main thread, a torchrun worker, or someone else's handler is
+    installed)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # A torchrun worker: its agent sends SIGTERM to stop the ranks when one fails, and a rank
+        # blocked in a collective would not run a Python handler until it was killed outright.
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = _link_target(Path(path))
     target.parent.mkdir(parents=True, exist_ok=True)
+    restore_set_aside(target)
     _remove_abandoned_temporaries(target)
     owner = f"{_HOST}.{os.getpid()}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{owner}.", suffix=".tmp", dir=target.parent))
@@ -146,6 +147,17 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def restore_set_aside(path: str | os.PathLike[str]) -> None:
+    """Put back ``.<name>.old``, the previous directory that :func:`publish_directory` renames aside
+    for a moment, when a process died between its two renames (``kill -9``, a lost machine) and
+    left no ``path`` at all; the next publish would otherwise delete it."""
+    target = _link_target(Path(path))
+    old = target.with_name(f".{target.name}.old")
+    if not (target.exists() or target.is_symlink()) and old.is_dir() and not old.is_symlink():
+        with contextlib.suppress(OSError):  # another process got there first
+            os.replace(old, target)
 
 
 def publish_directory(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
@@ -163,7 +175,12 @@ def publish_directory(tmp: str | os.PathLike[str], target: str | os.PathLike[str
         elif old.exists():
             shutil.rmtree(old)
         os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except BaseException:  # Ctrl-C, SIGTERM or an error between the two renames
+            if not target.exists():
+                os.replace(old, target)  # the previous one goes back: never no directory at all
+            raise
         shutil.rmtree(old)
     else:
         os.replace(tmp, target)

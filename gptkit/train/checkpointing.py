@@ -58,7 +58,7 @@ from gptkit.checkpoint import (
 )
 from gptkit.config import to_dict
 from gptkit.errors import CheckpointError, ConfigError, first_line
-from gptkit.fileio import atomic_directory, atomic_write_json, publish_directory
+from gptkit.fileio import atomic_directory, atomic_write_json, publish_directory, restore_set_aside
 from gptkit.model.gpt import GPT
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -108,6 +108,13 @@ def _decode_rng(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
 
 
+def _write_tokenizer(directory: Path, tokenizer_path: Path | None, tokenizer_bytes: bytes | None) -> None:
+    if tokenizer_bytes is not None:
+        (directory / TOKENIZER_FILE).write_bytes(tokenizer_bytes)
+    elif tokenizer_path is not None and tokenizer_path.exists():
+        shutil.copyfile(tokenizer_path, directory / TOKENIZER_FILE)
+
+
 def save_training_checkpoint(
     directory: Path,
     *,
@@ -118,12 +125,15 @@ def save_training_checkpoint(
     data_state: dict[str, Any],
     tokenizer_path: Path | None,
     extra_state: dict[str, Any] | None = None,
+    tokenizer_bytes: bytes | None = None,
 ) -> None:
-    """Atomically write a full training checkpoint for ``step`` completed steps."""
+    """Atomically write a full training checkpoint for ``step`` completed steps.
+
+    ``tokenizer_bytes`` (the tokenizer as it was when the run started) wins over
+    ``tokenizer_path``, which may have been deleted or prepared anew since."""
     with atomic_directory(directory) as tmp:
         write_model_files(tmp, model, {"run": run_config, "step": step})
-        if tokenizer_path is not None and tokenizer_path.exists():
-            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+        _write_tokenizer(tmp, tokenizer_path, tokenizer_bytes)
         tensors, optimizer_meta = _optimizer_tensors(optimizer)
         # Parameter names in index order, so another layout (FSDP/TP, whose optimizer may group
         # parameters differently) can map this state by name.
@@ -250,7 +260,19 @@ def check_run_directory(out_dir: str | Path, *, resume: bool, overwrite: bool) -
     if (out / METRICS_FILE).is_dir():
         raise ConfigError(f"train.out_dir {out}: {out / METRICS_FILE} is a directory, not a file; remove it")
     checkpoint = out / CHECKPOINT_DIR
+    restore_set_aside(checkpoint)  # a save that died between its two renames
     exists = checkpoint.exists() or checkpoint.is_symlink()
+    previous = out / PREVIOUS_CHECKPOINT
+    if not exists and previous.is_dir() and not overwrite:
+        # An --overwrite run stopped before its first save: the earlier run waits here, and the
+        # next save of any run in this directory would delete it (Trainer._drop_previous_run).
+        step = recorded_step(previous)
+        at = f" (step {step})" if step is not None else ""
+        raise (CheckpointError if resume else ConfigError)(
+            f"train.out_dir {out} holds an earlier run's checkpoint{at} in {previous}, set aside by an "
+            f"--overwrite run that stopped before its first save; rename it back to {checkpoint} "
+            f"{'to resume it' if resume else 'and pass --resume to continue it'}, or pass --overwrite to start over"
+        )
     if resume:
         if not checkpoint.is_dir():
             raise CheckpointError(f"nothing to resume: no checkpoint at {checkpoint}")
@@ -330,6 +352,7 @@ def save_sharded_training_checkpoint(
     data_state: dict[str, Any],
     tokenizer_path: Path | None,
     extra_state: dict[str, Any] | None = None,
+    tokenizer_bytes: bytes | None = None,
 ) -> None:
     """Write a checkpoint with DCP from every rank of the process group (a collective: all ranks
     call it with the same ``directory``). Atomic like the single-process one: all ranks write
@@ -361,8 +384,7 @@ def save_sharded_training_checkpoint(
                     {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": to_dict(model.config),
                      **extra_config},
                 )
-            if tokenizer_path is not None and tokenizer_path.exists():
-                shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+            _write_tokenizer(tmp, tokenizer_path, tokenizer_bytes)
             atomic_write_json(
                 tmp / TRAINER_STATE_FILE,
                 {

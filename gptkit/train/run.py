@@ -5,6 +5,7 @@ This is what ``gptkit train`` calls; it is also the Python entry point for a rec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -21,6 +22,7 @@ from gptkit.data.loader import BatchLoader, eval_batches
 from gptkit.distributed.mesh import ParallelDims
 from gptkit.distributed.setup import barrier, init_distributed
 from gptkit.errors import CheckpointError, ConfigError
+from gptkit.fileio import restore_set_aside
 from gptkit.model.gpt import GPT
 from gptkit.train.checkpointing import CHECKPOINT_DIR, METRICS_FILE, PREVIOUS_CHECKPOINT, PREVIOUS_METRICS
 from gptkit.train.trainer import StepMetrics, Trainer, TrainSummary
@@ -74,8 +76,12 @@ def resume_run_config(config: RunConfig, overrides: list[str] | tuple[str, ...] 
     ``config`` only tells where the run lives (train.out_dir); everything else comes from the
     checkpoint, so a resumed run continues with exactly the settings it started with.
     """
+    from gptkit.train.checkpointing import check_run_directory
+
     checkpoint_dir = Path(config.train.out_dir) / CHECKPOINT_DIR
+    restore_set_aside(checkpoint_dir)  # a save that died between its two renames
     if not checkpoint_dir.exists():
+        check_run_directory(config.train.out_dir, resume=True, overwrite=False)  # says why, in one line
         raise CheckpointError(f"nothing to resume: no checkpoint at {checkpoint_dir}")
     stored = read_checkpoint_config(checkpoint_dir)
     if not isinstance(stored.get("run"), dict):
@@ -163,6 +169,28 @@ def start_run(
 
     # Before data preparation and model building: a bad out_dir fails in a second, not after a run.
     found_step = check_run_directory(config.train.out_dir, resume=resume, overwrite=overwrite)
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the run directory for all ranks
+        lock = lock_run_directory(Path(config.train.out_dir))
+    try:
+        if lock is not None:
+            # Checked again under the lock: a run that held it until now may have left a checkpoint.
+            found_step = check_run_directory(config.train.out_dir, resume=resume, overwrite=overwrite)
+        trainer = _start_run(config, found_step, resume=resume, overwrite=overwrite, progress=progress)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+            if lock.created is not None:  # a run that fails before it starts leaves no directory
+                with contextlib.suppress(OSError):
+                    lock.created.rmdir()  # only if still empty
+        raise
+    trainer.run_lock = lock
+    return trainer
+
+
+def _start_run(
+    config: RunConfig, found_step: int | None, *, resume: bool, overwrite: bool, progress: bool
+) -> Trainer:
     if resume and found_step is not None and found_step > config.train.max_steps:
         raise _max_steps_below(config.train.max_steps, found_step)
     trainer = build_trainer(config, progress=progress)
@@ -188,6 +216,65 @@ def start_run(
                 trainer.step,
             )
     return trainer
+
+
+# Run directories locked by this process (their resolved paths): a second run into one of them from
+# the same process (the API, tests) neither waits for nor takes the lock it already holds.
+_RUN_LOCKS: set[str] = set()
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held until :meth:`release` (``Trainer.fit`` releases
+    it when it returns or fails) or until this process ends."""
+
+    def __init__(self, key: str, fd: int, created: Path | None = None) -> None:
+        self.key, self.fd = key, fd
+        self.created = created  # the run directory, when taking the lock made it
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+            _RUN_LOCKS.discard(self.key)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.release()
+
+
+def lock_run_directory(out_dir: Path) -> RunLock | None:
+    """Create ``out_dir`` and take an exclusive lock on it (flock on the directory itself: no file
+    is added), so two runs never write one run directory at once; they would interleave
+    metrics.jsonl and replace each other's checkpoints. ConfigError when another process holds it
+    or the directory cannot be made. None where this process holds it already, or the file
+    system has no such locks (the run then goes on unlocked, as before)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    try:
+        created = None if out_dir.is_dir() else out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        key = str(out_dir.resolve())
+        if key in _RUN_LOCKS:
+            return None
+        fd = os.open(out_dir, os.O_RDONLY)
+    except OSError as exc:
+        raise ConfigError(f"train.out_dir {out_dir}: cannot create it ({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"train.out_dir {out_dir} is in use by another gptkit run; wait for it to end or choose another "
+            "train.out_dir"
+        ) from None
+    except OSError:  # no flock on directories here (NFS)
+        os.close(fd)
+        return None
+    _RUN_LOCKS.add(key)
+    return RunLock(key, fd, created)
 
 
 def _max_steps_below(max_steps: int, step: int) -> ConfigError:

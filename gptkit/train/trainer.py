@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from gptkit.checkpoint import WEIGHTS_FILE, has_sharded_state, load_model_weights
@@ -123,6 +124,12 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.run_config = run_config or {}
         self.tokenizer_path = tokenizer_path
+        # Read now, not at each save: the prepared data may be deleted or prepared anew (another
+        # corpus) while the run goes on, and its checkpoints must keep the tokenizer it trains with.
+        self._tokenizer_bytes: bytes | None = None
+        if tokenizer_path is not None:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                self._tokenizer_bytes = Path(tokenizer_path).read_bytes()
         # forward_model (DDP / compiled) shares parameters with self.model; checkpoints save self.model.
         # Parallelize before building the optimizer: fsdp/tp replace parameters with DTensors.
         self.forward_model: nn.Module = parallelize(self.model, config, self.device)
@@ -139,6 +146,7 @@ class Trainer:
         # Sharded gradients: fp16 overflow checks must agree over all ranks (see PrecisionPolicy).
         self.precision = PrecisionPolicy(config.precision, self.device, sharded=config.strategy in SHARDED_STRATEGIES)
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
+        self.run_lock: Any = None  # the run directory's lock, set by start_run; fit releases it
 
     # ------------------------------------------------------------------ paths
 
@@ -267,7 +275,18 @@ class Trainer:
         return total_loss, grad_norm
 
     def fit(self, on_step: Callable[[StepMetrics], None] | None = None) -> TrainSummary:
-        """Train until ``max_steps``; evaluate, log and checkpoint on the configured intervals."""
+        """Train until ``max_steps``; evaluate, log and checkpoint on the configured intervals.
+
+        Releases the run directory's lock (``run_lock``, from :func:`gptkit.train.start_run`) when
+        it returns or fails."""
+        try:
+            return self._fit(on_step)
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+                self.run_lock = None
+
+    def _fit(self, on_step: Callable[[StepMetrics], None] | None) -> TrainSummary:
         config = self.config
         self.model.train()
         start = time.perf_counter()
@@ -392,11 +411,18 @@ class Trainer:
             metrics.tokens_per_second,
         )
         if self.metrics_path is not None and self.is_main:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            if not self._metrics_continue and self.metrics_path.exists():
-                logger.info("starting a new %s (replacing an earlier run's)", self.metrics_path)
-            with open(self.metrics_path, "a" if self._metrics_continue else "w", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                if not self._metrics_continue and self.metrics_path.exists():
+                    logger.info("starting a new %s (replacing an earlier run's)", self.metrics_path)
+                with open(self.metrics_path, "a" if self._metrics_continue else "w", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as exc:
+                raise TrainingError(
+                    f"cannot write the metrics log {self.metrics_path}: {exc.strerror or exc} (at step {metrics.step}; "
+                    + (f"the last checkpoint is at step {self.last_checkpoint_step})"
+                       if self.last_checkpoint_step is not None else "no checkpoint of this run was saved)")
+                ) from None
         self._metrics_continue = True
 
     def save_checkpoint(self) -> Path | None:
@@ -416,16 +442,27 @@ class Trainer:
         # One FSDP/TP rank still holds DTensors, which only the sharded writer can save.
         sharded = dist.is_initialized() and (dist.get_world_size() > 1 or not is_replicated(self.model))
         save = save_sharded_training_checkpoint if sharded else save_training_checkpoint
-        save(
-            directory,
-            model=self.model,  # type: ignore[arg-type]
-            optimizer=self.optimizer,
-            step=self.step,
-            run_config=self.run_config,
-            data_state=self.train_batches.state_dict(),
-            tokenizer_path=self.tokenizer_path,
-            extra_state=extra_state,
-        )
+        try:
+            save(
+                directory,
+                model=self.model,  # type: ignore[arg-type]
+                optimizer=self.optimizer,
+                step=self.step,
+                run_config=self.run_config,
+                data_state=self.train_batches.state_dict(),
+                tokenizer_path=self.tokenizer_path,
+                extra_state=extra_state,
+                tokenizer_bytes=self._tokenizer_bytes,
+            )
+        except (OSError, SafetensorError) as exc:  # a full disk, a file size limit, a vanished folder
+            kept = (
+                f"the checkpoint of step {self.last_checkpoint_step} there is kept"
+                if self.last_checkpoint_step is not None else "no checkpoint of this run was saved"
+            )
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+            raise CheckpointError(
+                f"cannot save the checkpoint of step {self.step} to {directory}: {reason}; {kept}"
+            ) from None
         self.last_checkpoint_step = self.step
         logger.info("saved %scheckpoint at step %d to %s", "sharded " if sharded else "", self.step, directory)
         self._drop_previous_run()

@@ -102,7 +102,8 @@ def test_a_failing_save_keeps_the_previous_checkpoint(corpus: Path, tmp_path: Pa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpointing, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space left on device"):
+    # One line for the CLI (a CheckpointError), naming the cause and the checkpoint that is kept.
+    with pytest.raises(CheckpointError, match="No space left on device; the checkpoint of step 2 there is kept"):
         run_training(resume_run_config(config, ["--train.max_steps=4"]), resume=True)
     assert (out / "checkpoint" / "model.safetensors").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
@@ -202,7 +203,8 @@ def test_overwrite_starts_a_new_log_and_replaces_the_checkpoint(corpus: Path, tm
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpointing, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space left on device"):
+    # One line for the CLI (a CheckpointError), naming the cause and the checkpoint that is kept.
+    with pytest.raises(CheckpointError, match="No space left on device; no checkpoint of this run was saved"):
         run_training(load_run_config(None, recipe(corpus, out, max_steps=3)), overwrite=True)
     assert not (out / "checkpoint").exists() and metrics_steps(out) == [1, 2, 3]
     assert (out / "checkpoint.previous" / "model.safetensors").read_bytes() == weights
