@@ -548,12 +548,12 @@ def main(argv: list[str] | None = None) -> int:
     except GptkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:  # before KeyboardInterrupt, its base class
+        print("error: terminated by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print("error: terminated by SIGTERM", file=sys.stderr)
-        return 128 + signal.SIGTERM
     except BrokenPipeError:
         return 0
     finally:
@@ -561,9 +561,11 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-class Terminated(BaseException):
+class Terminated(KeyboardInterrupt):
     """SIGTERM (what torchrun, schedulers and ``kill`` send) arrived: unwind like Ctrl-C, so that
-    every temporary file and directory is removed on the way out, and say so in one line."""
+    every temporary file and directory is removed on the way out, and say so in one line. A
+    KeyboardInterrupt so that code which lets Ctrl-C through lets it through too (tqdm's logging
+    handler swallows any other exception raised while it writes a line)."""
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:

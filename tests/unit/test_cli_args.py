@@ -175,3 +175,26 @@ def test_generate_takes_the_recipes_sample_settings_and_flags_win(
     assert greedy(5) != greedy(9)
     assert sample() == greedy(5)  # the recipe's 5 tokens at temperature 0
     assert sample("--max-new-tokens", "9") == greedy(9)  # the flag wins, the recipe's temperature stays
+
+
+def test_sigterm_raised_while_a_log_line_is_written_is_not_swallowed() -> None:
+    """The progress bar routes log lines through tqdm's handler, which swallows any exception but
+    Ctrl-C's: SIGTERM's exception must get through it as KeyboardInterrupt does (a run went on)."""
+    import logging
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from gptkit.cli import Terminated
+
+    class SigtermWhileFormatting:
+        def __str__(self) -> str:
+            raise Terminated()
+
+    logger = logging.getLogger("gptkit.test_sigterm")
+    logger.addHandler(logging.StreamHandler())
+    logger.propagate = False  # only tqdm's handler sees the record (pytest's own would raise it)
+    try:
+        with pytest.raises(Terminated), logging_redirect_tqdm(loggers=[logger]):
+            logger.warning(SigtermWhileFormatting())
+    finally:
+        logger.handlers.clear()
