@@ -175,6 +175,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         bar.close()
     from gptkit.distributed.setup import shutdown_distributed
 
+    checkpoint_dir = trainer.checkpoint_dir
     del trainer  # its model and optimizer hold the process group's buffers; free them first
     shutdown_distributed()
     if not is_main:
@@ -182,14 +183,14 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if summary.steps_trained == 0 or summary.final_loss is None:
         print(
             f"nothing to train: the run is already at step {summary.steps} (train.max_steps or train.max_seconds "
-            f"reached); checkpoint in {Path(config.train.out_dir) / 'checkpoint'}"
+            f"reached); checkpoint in {checkpoint_dir}"
         )
         return 0
     val = f"{summary.final_val_loss:.4f}" if summary.final_val_loss is not None else "n/a"
     print(
         f"done: step {summary.steps}, train loss {summary.final_loss:.4f}, val loss {val}, "
         f"{summary.tokens_per_second:,.0f} tokens/s, {summary.seconds:.0f}s; "
-        f"checkpoint in {Path(config.train.out_dir) / 'checkpoint'}"
+        f"checkpoint in {checkpoint_dir}"
     )
     return 0
 
@@ -314,7 +315,7 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     from gptkit.checkpoint import TOKENIZER_FILE, write_model_files
     from safetensors import SafetensorError
 
-    from gptkit.errors import first_line
+    from gptkit.errors import reason
     from gptkit.fileio import atomic_directory
     from gptkit.model.hf import is_hf_directory, save_hf
 
@@ -338,9 +339,8 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
                 if tokenizer.exists():
                     shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
     except (OSError, SafetensorError) as exc:  # a full disk, a read-only place, a file in the way
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
         where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
-        raise ConfigError(f"cannot write {destination}: {reason}{where}; nothing was written there") from None
+        raise ConfigError(f"cannot write {destination}: {reason(exc)}{where}; nothing was written there") from None
     print(f"converted {source} -> {destination} ({target}, {model.num_parameters():,} parameters)")
     return 0
 

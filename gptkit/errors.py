@@ -40,3 +40,11 @@ def first_line(exc: BaseException) -> str:
     multi-line error from a library (a traceback inside DCP, a Rust panic) enters a one-line error."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def reason(exc: BaseException) -> str:
+    """Why an operation failed, for a one-line error: an OSError's own words ("No space left on
+    device", without the errno and path the message names already), else :func:`first_line`."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return first_line(exc)

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gptkit.data.sources import Corpus, Fingerprint, corpus_fingerprint, has_text, resolve_source
-from gptkit.errors import ConfigError, DataError
+from gptkit.errors import ConfigError, DataError, reason
 from gptkit.fileio import atomic_directory, atomic_write_json
 
 __all__ = [
@@ -119,7 +119,7 @@ def _writing(out: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise DataError(f"cannot write the prepared data to {out}: {exc.strerror or exc}") from None
+        raise DataError(f"cannot write the prepared data to {out}: {reason(exc)}") from None
 
 
 def _check_out_dir(out: Path) -> None:

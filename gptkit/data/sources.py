@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptkit.errors import DataError, first_line
+from gptkit.errors import DataError, first_line, reason
 from gptkit.fileio import atomic_directory
 
 __all__ = [
@@ -194,7 +194,7 @@ def fetch_shakespeare() -> Path:
 
 
 def _read_error(path: Path, exc: OSError) -> DataError:
-    return DataError(f"cannot read {path}: {exc.strerror or exc}")
+    return DataError(f"cannot read {path}: {reason(exc)}")
 
 
 def _not_utf8_error(path: Path, offset: int) -> DataError:

@@ -169,12 +169,9 @@ class _TextStream:
     def push(self, token_id: int) -> str:
         """Add one token; return the text that is now safe to show (possibly empty)."""
         self.pending += self.decoder.decode(self.tokenizer.token_bytes(token_id))
-        # The earliest match in the text wins, whatever the order of the stop strings (one token
-        # can complete two of them).
-        found = [index for index in (self.pending.find(stop) for stop in self.stop) if index >= 0]
-        if found:
-            self.stopped = True
-            return self._emit(self.pending[: min(found)])
+        cut = self._earliest_stop()
+        if cut is not None:
+            return self._emit(self.pending[:cut])
         # Hold back the longest tail that is a prefix of some stop string.
         hold = 0
         for stop in self.stop:
@@ -190,11 +187,17 @@ class _TextStream:
             return ""
         self.pending += self.decoder.decode(b"", final=True)
         # The flush can complete a stop string (one that ends in U+FFFD, the flushed tail's text).
+        cut = self._earliest_stop()
+        return self._emit(self.pending if cut is None else self.pending[:cut])
+
+    def _earliest_stop(self) -> int | None:
+        """Where the earliest stop string in ``pending`` starts (and ``stopped`` is set), or None.
+        The earliest match wins, whatever the order of the stop strings: one token can complete two."""
         found = [index for index in (self.pending.find(stop) for stop in self.stop) if index >= 0]
-        if found:
-            self.stopped = True
-            return self._emit(self.pending[: min(found)])
-        return self._emit(self.pending)
+        if not found:
+            return None
+        self.stopped = True
+        return min(found)
 
     def _emit(self, text: str, keep: str = "") -> str:
         self.pending = keep

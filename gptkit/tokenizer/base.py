@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gptkit.errors import TokenizerError
+from gptkit.errors import TokenizerError, reason
 from gptkit.fileio import atomic_write_json
 
 EOT_TOKEN = "<|endoftext|>"
@@ -158,7 +158,7 @@ def read_tokenizer_json(path: str | os.PathLike[str]) -> tuple[Path, str, dict[s
     except UnicodeDecodeError as e:
         raise TokenizerError(f"{file}: not a tokenizer file (not UTF-8 text: {e.reason})") from None
     except OSError as e:
-        raise TokenizerError(f"{file}: cannot read tokenizer file ({e.strerror or e})") from None
+        raise TokenizerError(f"{file}: cannot read tokenizer file ({reason(e)})") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:

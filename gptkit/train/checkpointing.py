@@ -108,13 +108,6 @@ def _decode_rng(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
 
 
-def _write_tokenizer(directory: Path, tokenizer_path: Path | None, tokenizer_bytes: bytes | None) -> None:
-    if tokenizer_bytes is not None:
-        (directory / TOKENIZER_FILE).write_bytes(tokenizer_bytes)
-    elif tokenizer_path is not None and tokenizer_path.exists():
-        shutil.copyfile(tokenizer_path, directory / TOKENIZER_FILE)
-
-
 def save_training_checkpoint(
     directory: Path,
     *,
@@ -123,17 +116,15 @@ def save_training_checkpoint(
     step: int,
     run_config: dict[str, Any],
     data_state: dict[str, Any],
-    tokenizer_path: Path | None,
+    tokenizer_json: bytes | None,
     extra_state: dict[str, Any] | None = None,
-    tokenizer_bytes: bytes | None = None,
 ) -> None:
-    """Atomically write a full training checkpoint for ``step`` completed steps.
-
-    ``tokenizer_bytes`` (the tokenizer as it was when the run started) wins over
-    ``tokenizer_path``, which may have been deleted or prepared anew since."""
+    """Atomically write a full training checkpoint for ``step`` completed steps; ``tokenizer_json``
+    is the run's tokenizer.json as read when it started (None: no tokenizer file)."""
     with atomic_directory(directory) as tmp:
         write_model_files(tmp, model, {"run": run_config, "step": step})
-        _write_tokenizer(tmp, tokenizer_path, tokenizer_bytes)
+        if tokenizer_json is not None:
+            (tmp / TOKENIZER_FILE).write_bytes(tokenizer_json)
         tensors, optimizer_meta = _optimizer_tensors(optimizer)
         # Parameter names in index order, so another layout (FSDP/TP, whose optimizer may group
         # parameters differently) can map this state by name.
@@ -350,9 +341,8 @@ def save_sharded_training_checkpoint(
     step: int,
     run_config: dict[str, Any],
     data_state: dict[str, Any],
-    tokenizer_path: Path | None,
+    tokenizer_json: bytes | None,
     extra_state: dict[str, Any] | None = None,
-    tokenizer_bytes: bytes | None = None,
 ) -> None:
     """Write a checkpoint with DCP from every rank of the process group (a collective: all ranks
     call it with the same ``directory``). Atomic like the single-process one: all ranks write
@@ -384,7 +374,8 @@ def save_sharded_training_checkpoint(
                     {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": to_dict(model.config),
                      **extra_config},
                 )
-            _write_tokenizer(tmp, tokenizer_path, tokenizer_bytes)
+            if tokenizer_json is not None:
+                (tmp / TOKENIZER_FILE).write_bytes(tokenizer_json)
             atomic_write_json(
                 tmp / TRAINER_STATE_FILE,
                 {

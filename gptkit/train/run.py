@@ -21,8 +21,7 @@ from gptkit.data import load_meta, prepare_dataset
 from gptkit.data.loader import BatchLoader, eval_batches
 from gptkit.distributed.mesh import ParallelDims
 from gptkit.distributed.setup import barrier, init_distributed
-from gptkit.errors import CheckpointError, ConfigError
-from gptkit.fileio import restore_set_aside
+from gptkit.errors import CheckpointError, ConfigError, reason
 from gptkit.model.gpt import GPT
 from gptkit.train.checkpointing import CHECKPOINT_DIR, METRICS_FILE, PREVIOUS_CHECKPOINT, PREVIOUS_METRICS
 from gptkit.train.trainer import StepMetrics, Trainer, TrainSummary
@@ -79,10 +78,9 @@ def resume_run_config(config: RunConfig, overrides: list[str] | tuple[str, ...] 
     from gptkit.train.checkpointing import check_run_directory
 
     checkpoint_dir = Path(config.train.out_dir) / CHECKPOINT_DIR
-    restore_set_aside(checkpoint_dir)  # a save that died between its two renames
     if not checkpoint_dir.exists():
-        check_run_directory(config.train.out_dir, resume=True, overwrite=False)  # says why, in one line
-        raise CheckpointError(f"nothing to resume: no checkpoint at {checkpoint_dir}")
+        # Puts back a checkpoint a dying save left renamed aside, or says in one line why there is none.
+        check_run_directory(config.train.out_dir, resume=True, overwrite=False)
     stored = read_checkpoint_config(checkpoint_dir)
     if not isinstance(stored.get("run"), dict):
         raise CheckpointError(f"{checkpoint_dir} holds no training run config, so it cannot be resumed")
@@ -261,7 +259,7 @@ def lock_run_directory(out_dir: Path) -> RunLock | None:
             return None
         fd = os.open(out_dir, os.O_RDONLY)
     except OSError as exc:
-        raise ConfigError(f"train.out_dir {out_dir}: cannot create it ({exc.strerror or exc})") from None
+        raise ConfigError(f"train.out_dir {out_dir}: cannot create it ({reason(exc)})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -29,7 +29,7 @@ from gptkit.config import SHARDED_STRATEGIES, TrainConfig
 from gptkit.distributed.parallelize import clip_grad_norm, parallelize
 from gptkit.distributed.precision import PrecisionPolicy
 from gptkit.distributed.setup import barrier, mean_over_ranks
-from gptkit.errors import CheckpointError, GptkitError, TrainingError, first_line
+from gptkit.errors import CheckpointError, GptkitError, TrainingError, first_line, reason
 from gptkit.fileio import atomic_write_text
 from gptkit.train.checkpointing import (
     CHECKPOINT_DIR,
@@ -123,13 +123,12 @@ class Trainer:
         self.device = torch.device(device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.run_config = run_config or {}
-        self.tokenizer_path = tokenizer_path
         # Read now, not at each save: the prepared data may be deleted or prepared anew (another
         # corpus) while the run goes on, and its checkpoints must keep the tokenizer it trains with.
-        self._tokenizer_bytes: bytes | None = None
+        self._tokenizer_json: bytes | None = None
         if tokenizer_path is not None:
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                self._tokenizer_bytes = Path(tokenizer_path).read_bytes()
+                self._tokenizer_json = Path(tokenizer_path).read_bytes()
         # forward_model (DDP / compiled) shares parameters with self.model; checkpoints save self.model.
         # Parallelize before building the optimizer: fsdp/tp replace parameters with DTensors.
         self.forward_model: nn.Module = parallelize(self.model, config, self.device)
@@ -419,7 +418,7 @@ class Trainer:
                     f.write(json.dumps(record) + "\n")
             except OSError as exc:
                 raise TrainingError(
-                    f"cannot write the metrics log {self.metrics_path}: {exc.strerror or exc} (at step {metrics.step}; "
+                    f"cannot write the metrics log {self.metrics_path}: {reason(exc)} (at step {metrics.step}; "
                     + (f"the last checkpoint is at step {self.last_checkpoint_step})"
                        if self.last_checkpoint_step is not None else "no checkpoint of this run was saved)")
                 ) from None
@@ -450,18 +449,16 @@ class Trainer:
                 step=self.step,
                 run_config=self.run_config,
                 data_state=self.train_batches.state_dict(),
-                tokenizer_path=self.tokenizer_path,
+                tokenizer_json=self._tokenizer_json,
                 extra_state=extra_state,
-                tokenizer_bytes=self._tokenizer_bytes,
             )
         except (OSError, SafetensorError) as exc:  # a full disk, a file size limit, a vanished folder
             kept = (
                 f"the checkpoint of step {self.last_checkpoint_step} there is kept"
                 if self.last_checkpoint_step is not None else "no checkpoint of this run was saved"
             )
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
             raise CheckpointError(
-                f"cannot save the checkpoint of step {self.step} to {directory}: {reason}; {kept}"
+                f"cannot save the checkpoint of step {self.step} to {directory}: {reason(exc)}; {kept}"
             ) from None
         self.last_checkpoint_step = self.step
         logger.info("saved %scheckpoint at step %d to %s", "sharded " if sharded else "", self.step, directory)

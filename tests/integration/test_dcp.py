@@ -73,7 +73,7 @@ def sharded_checkpoint(tmp_path: Path) -> tuple[Path, GPT, torch.optim.Optimizer
     try:
         save_sharded_training_checkpoint(
             directory, model=model, optimizer=optimizer, step=1, run_config={}, data_state={"epoch": 0, "batch_index": 1},
-            tokenizer_path=None,
+            tokenizer_json=None,
         )
     finally:
         dist.destroy_process_group()
