@@ -235,6 +235,7 @@ class TrainConfig:
     eval_interval: int = 250
     eval_batches: int = 20
     log_interval: int = 10
+    tensorboard: bool = False  # also write the logged metrics as TensorBoard scalars to out_dir/tensorboard
     checkpoint_interval: int = 1000  # 0: only at the end
     seed: int = 1337
     optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for hidden matrices, AdamW for the rest

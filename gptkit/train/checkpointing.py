@@ -69,6 +69,8 @@ CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 PREVIOUS_CHECKPOINT = "checkpoint.previous"
 PREVIOUS_METRICS = "metrics.previous.jsonl"
+TENSORBOARD_DIR = "tensorboard"  # event files, with train.tensorboard
+PREVIOUS_TENSORBOARD = "tensorboard.previous"
 # Why a resume finds no optimizer / trainer state, most often.
 WEIGHTS_ONLY_HINT = (
     "a weights-only checkpoint, such as `gptkit convert` writes, holds no optimizer state or data position to "

@@ -23,7 +23,14 @@ from gptkit.distributed.mesh import ParallelDims
 from gptkit.distributed.setup import barrier, init_distributed
 from gptkit.errors import CheckpointError, ConfigError, reason
 from gptkit.model.gpt import GPT
-from gptkit.train.checkpointing import CHECKPOINT_DIR, METRICS_FILE, PREVIOUS_CHECKPOINT, PREVIOUS_METRICS
+from gptkit.train.checkpointing import (
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    PREVIOUS_CHECKPOINT,
+    PREVIOUS_METRICS,
+    PREVIOUS_TENSORBOARD,
+    TENSORBOARD_DIR,
+)
 from gptkit.train.trainer import StepMetrics, Trainer, TrainSummary
 
 logger = logging.getLogger(__name__)
@@ -158,8 +165,9 @@ def start_run(
     """A trainer ready to ``fit``; with ``resume`` it continues from ``<out_dir>/checkpoint``.
 
     Without ``resume``, a checkpoint already in train.out_dir is a ConfigError unless
-    ``overwrite``: once the new run is set up, the old run's checkpoint and metrics.jsonl are moved
-    aside (``checkpoint.previous``, ``metrics.previous.jsonl``) and deleted at the new run's first
+    ``overwrite``: once the new run is set up, the old run's checkpoint, metrics.jsonl and
+    TensorBoard events are moved aside (``checkpoint.previous``, ``metrics.previous.jsonl``,
+    ``tensorboard.previous``) and deleted at the new run's first
     save, so the directory never mixes two runs and a new run that fails early loses nothing.
     ``resume`` and ``overwrite`` together are a ConfigError.
     """
@@ -289,7 +297,9 @@ def _start_over(out_dir: Path, step: int, *, is_main: bool) -> None:
             "train.out_dir %s: the earlier run (step %d) is moved to %s until this run saves its first checkpoint",
             out_dir, step, PREVIOUS_CHECKPOINT,
         )
-        for name, aside in ((CHECKPOINT_DIR, PREVIOUS_CHECKPOINT), (METRICS_FILE, PREVIOUS_METRICS)):
+        for name, aside in (
+            (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT), (METRICS_FILE, PREVIOUS_METRICS), (TENSORBOARD_DIR, PREVIOUS_TENSORBOARD)
+        ):
             if (out_dir / aside).is_dir():
                 shutil.rmtree(out_dir / aside)
             if (out_dir / name).exists():

@@ -31,11 +31,14 @@ from gptkit.distributed.precision import PrecisionPolicy
 from gptkit.distributed.setup import barrier, mean_over_ranks
 from gptkit.errors import CheckpointError, GptkitError, TrainingError, first_line, reason
 from gptkit.fileio import atomic_write_text
+from gptkit.train import tensorboard
 from gptkit.train.checkpointing import (
     CHECKPOINT_DIR,
     METRICS_FILE,
     PREVIOUS_CHECKPOINT,
     PREVIOUS_METRICS,
+    PREVIOUS_TENSORBOARD,
+    TENSORBOARD_DIR,
     _decode_rng,
     _encode_rng,
     is_replicated,
@@ -145,6 +148,10 @@ class Trainer:
         # Sharded gradients: fp16 overflow checks must agree over all ranks (see PrecisionPolicy).
         self.precision = PrecisionPolicy(config.precision, self.device, sharded=config.strategy in SHARDED_STRATEGIES)
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
+        if config.tensorboard and self.out_dir is not None and self.is_main:
+            tensorboard.check_available()  # now, not at the first log line after minutes of work
+        self._tensorboard: tensorboard.TensorBoardLog | None = None  # opened at the first record
+        self._resumed_at: int | None = None  # the step this session resumed from
         self.run_lock: Any = None  # the run directory's lock, set by start_run; fit releases it
 
     # ------------------------------------------------------------------ paths
@@ -182,6 +189,7 @@ class Trainer:
                 f"cannot resume {directory}: trainer_state.json does not fit this run ({first_line(exc)})"
             ) from None
         self.last_checkpoint_step = self.step
+        self._resumed_at = self.step
         if self.is_main:
             self._truncate_metrics(self.step)
         self._metrics_continue = True
@@ -281,6 +289,9 @@ class Trainer:
         try:
             return self._fit(on_step)
         finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+                self._tensorboard = None
             if self.run_lock is not None:
                 self.run_lock.release()
                 self.run_lock = None
@@ -378,6 +389,9 @@ class Trainer:
             shutil.rmtree(previous)
             logger.info("removed the earlier run's %s", previous)
         (self.out_dir / PREVIOUS_METRICS).unlink(missing_ok=True)
+        previous_tensorboard = self.out_dir / PREVIOUS_TENSORBOARD
+        if previous_tensorboard.is_dir():
+            shutil.rmtree(previous_tensorboard)
 
     def _out_of_time(self) -> bool:
         return self.config.max_seconds is not None and self.train_seconds >= self.config.max_seconds
@@ -418,11 +432,30 @@ class Trainer:
                     f.write(json.dumps(record) + "\n")
             except OSError as exc:
                 raise TrainingError(
-                    f"cannot write the metrics log {self.metrics_path}: {reason(exc)} (at step {metrics.step}; "
-                    + (f"the last checkpoint is at step {self.last_checkpoint_step})"
-                       if self.last_checkpoint_step is not None else "no checkpoint of this run was saved)")
+                    f"cannot write the metrics log {self.metrics_path}: {reason(exc)} "
+                    f"(at step {metrics.step}; {self._last_checkpoint_note()})"
                 ) from None
+            if self.config.tensorboard:
+                self._write_tensorboard(record)
         self._metrics_continue = True
+
+    def _write_tensorboard(self, record: dict[str, Any]) -> None:
+        assert self.out_dir is not None
+        directory = self.out_dir / TENSORBOARD_DIR
+        try:
+            if self._tensorboard is None:
+                self._tensorboard = tensorboard.TensorBoardLog(directory, resumed_at=self._resumed_at)
+            self._tensorboard.write(record)
+        except OSError as exc:
+            raise TrainingError(
+                f"cannot write TensorBoard events to {directory}: {reason(exc)} "
+                f"(at step {record['step']}; {self._last_checkpoint_note()})"
+            ) from None
+
+    def _last_checkpoint_note(self) -> str:
+        if self.last_checkpoint_step is None:
+            return "no checkpoint of this run was saved"
+        return f"the last checkpoint is at step {self.last_checkpoint_step}"
 
     def save_checkpoint(self) -> Path | None:
         directory = self.checkpoint_dir

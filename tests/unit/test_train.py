@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -463,3 +465,91 @@ def test_resume_of_a_run_whose_stored_config_a_newer_check_refuses(corpus: Path,
         resume_run_config(config, ["--train.max_steps=4"])
     resumed = resume_run_config(config, ["--train.max_steps=4", "--train.lr_decay_steps=4"])
     assert resumed.train.lr_decay_steps == 4 and resumed.train.max_steps == 4
+
+
+# ------------------------------------------------------------------ TensorBoard (train.tensorboard)
+
+
+def tensorboard_scalars(out: Path, folder: str = "tensorboard") -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard shows for the run: each scalar tag's (step, value) points."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def metrics_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tensorboard_mirrors_the_metrics_log_and_a_resume_reads_as_one_run(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = recipe(corpus, out, max_steps=6, checkpoint_interval=3, tensorboard="true")
+
+    def crash_at_step_5(metrics) -> None:
+        if metrics.step == 5:
+            raise KeyboardInterrupt  # steps 4 and 5 are logged after the checkpoint of step 3
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(load_run_config(None, first), on_step=crash_at_step_5)
+    crashed_lr = dict(tensorboard_scalars(out)["train/lr"])[4]
+    # The resumed session runs steps 4..6 at another learning rate: its points must replace the
+    # interrupted session's, as its records replace theirs in metrics.jsonl.
+    run_training(resume_run_config(load_run_config(None, first), ["--train.lr=5e-4"]), resume=True)
+
+    records = metrics_records(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    scalars = tensorboard_scalars(out)
+    assert set(scalars) == {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss"}
+    for key, tag in [("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm")]:
+        assert [step for step, _ in scalars[tag]] == [1, 2, 3, 4, 5, 6], tag
+        assert [value for _, value in scalars[tag]] == pytest.approx([r[key] for r in records], rel=1e-6), tag
+    assert dict(scalars["train/lr"])[4] != pytest.approx(crashed_lr)
+    # val/loss at the evaluations only (eval_interval 4, and the last step).
+    assert scalars["val/loss"] == [(r["step"], pytest.approx(r["val_loss"], rel=1e-6)) for r in records if "val_loss" in r]
+    assert [step for step, _ in scalars["val/loss"]] == [4, 6]
+
+
+def test_tensorboard_of_a_new_run_replaces_the_earlier_runs(corpus: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "run"
+    run_training(load_run_config(None, recipe(corpus, out, max_steps=4, tensorboard="true")))
+    assert [step for step, _ in tensorboard_scalars(out)["train/loss"]] == [1, 2, 3, 4]
+    # --overwrite: set aside with the checkpoint; an overwriting run that fails before its first
+    # save loses nothing of the earlier run.
+    import gptkit.train.checkpointing as checkpointing
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpointing, "save_file", lambda *args, **kwargs: (_ for _ in ()).throw(OSError(28, "full")))
+        with pytest.raises(CheckpointError):
+            run_training(load_run_config(None, recipe(corpus, out, max_steps=3, tensorboard="true")), overwrite=True)
+    assert [step for step, _ in tensorboard_scalars(out, "tensorboard.previous")["train/loss"]] == [1, 2, 3, 4]
+    assert [step for step, _ in tensorboard_scalars(out)["train/loss"]] == [1, 2, 3]  # the failed run's
+    # Then gone at the first save of the next run.
+    shutil.move(out / "checkpoint.previous", out / "checkpoint")
+    run_training(load_run_config(None, recipe(corpus, out, max_steps=2, tensorboard="true")), overwrite=True)
+    assert [step for step, _ in tensorboard_scalars(out)["train/loss"]] == [1, 2]
+    assert not (out / "tensorboard.previous").exists()
+    # A run without a checkpoint (deleted here) leaves events that a fresh run replaces.
+    shutil.rmtree(out / "checkpoint")
+    run_training(load_run_config(None, recipe(corpus, out, max_steps=3, tensorboard="true", lr=2e-3)))
+    lrs = tensorboard_scalars(out)["train/lr"]
+    assert [step for step, _ in lrs] == [1, 2, 3]
+    assert [value for _, value in lrs] == pytest.approx([r["lr"] for r in metrics_records(out)], rel=1e-6)
+
+
+def test_tensorboard_without_the_package_fails_before_training(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # makes `import tensorboard` fail
+    with pytest.raises(ConfigError, match="train.tensorboard needs the tensorboard package"):
+        _tiny_trainer(tmp_path / "run", tensorboard=True)
+    assert not (tmp_path / "run").exists()
+    _tiny_trainer(tmp_path / "run")  # off by default: no package needed
+
+
+def test_an_unwritable_tensorboard_directory_is_a_one_line_error(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "tensorboard").write_text("not a directory")
+    trainer = _tiny_trainer(out, tensorboard=True, log_interval=1)
+    with pytest.raises(TrainingError, match=r"cannot write TensorBoard events to .*tensorboard: .*\(at step 1; no checkpoint"):
+        trainer.fit()
