@@ -435,6 +435,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps
+    the last one silently, so a recipe with two ``train:`` sections would lose the first's settings."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: later keys may override it
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str) and key in first_line:
+                raise ConfigError(
+                    f"{self.name}: the key {key!r} is given twice (lines {first_line[key]} and {line}); keep one"
+                )
+            if isinstance(key, str):
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -444,7 +464,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        loader = _RecipeLoader(text)
+        loader.name = str(path)  # for the duplicate-key message
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     if data is None:

@@ -72,6 +72,23 @@ def test_yaml_errors(tmp_path: Path) -> None:
         load_run_config(unknown)
 
 
+def test_a_key_given_twice_in_a_recipe_is_an_error(tmp_path: Path) -> None:
+    # PyYAML alone keeps the last of two equal keys: the first train section would be lost.
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  max_steps: 5\nmodel:\n  n_layer: 2\ntrain:\n  lr: 0.01\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: the key 'train' is given twice \(lines 1 and 5\); keep one"):
+        load_run_config(twice)
+    inner = tmp_path / "inner.yaml"
+    inner.write_text("train:\n  lr: 0.01\n  lr: 0.02\n")
+    with pytest.raises(ConfigError, match=r"the key 'lr' is given twice \(lines 2 and 3\)"):
+        load_run_config(inner)
+    # A YAML merge (`<<`) may still be overridden by a key of the mapping itself.
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("train:\n  <<: {lr: 0.01, max_steps: 7}\n  lr: 0.02\n")
+    config = load_run_config(merged)
+    assert (config.train.lr, config.train.max_steps) == (0.02, 7)
+
+
 def test_override_values_are_yaml() -> None:
     assert parse_override("--model.bias=false") == (["model", "bias"], False)
     assert parse_override("--train.lr=0.001") == (["train", "lr"], 0.001)
