@@ -405,6 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `gptkit <command> --help` for the options of each command.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    import torch
+
+    from gptkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"gptkit {__version__} (torch {torch.__version__})")
     # -v also after the command; SUPPRESS keeps the value given before it when it is not repeated.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")

@@ -42,6 +42,17 @@ def test_an_override_without_a_value_names_both_forms(capsys: pytest.CaptureFixt
     )
 
 
+def test_version_prints_gptkit_and_torch_versions(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    import gptkit
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"gptkit {gptkit.__version__} (torch {torch.__version__})\n"
+
+
 def test_verbose_works_before_and_after_the_command() -> None:
     parser = build_parser()
     assert parser.parse_args(["-v", "plan"]).verbose is True
