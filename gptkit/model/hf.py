@@ -13,8 +13,11 @@ the functions that need it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,8 @@ from gptkit.config import ModelConfig
 from gptkit.errors import CheckpointError, ConfigError, GptkitError, first_line
 from gptkit.fileio import atomic_directory
 from gptkit.model.gpt import GPT
+
+logger = logging.getLogger(__name__)
 
 HF_CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -42,6 +47,23 @@ def _transformers() -> Any:
     except ImportError:
         raise GptkitError("converting to or from Hugging Face needs transformers: pip install 'gptkit[hf]'") from None
     return transformers
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Any:
+    """Silence transformers' warnings (its multi-line load report, config checks) and progress bars
+    for a moment: gptkit reports what matters itself, in one line, and the CLI's stderr carries
+    nothing else."""
+    hf_logging = _transformers().utils.logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,6 +260,21 @@ def _check_model_type(model_type: Any) -> str:
     return model_type
 
 
+def _model_config(model_type: str, hf_config: Any) -> ModelConfig:
+    """The gptkit config of a GPT-2 or Llama ``hf_config``; a one-line ConfigError names what it cannot hold."""
+    quantization = _get(hf_config, "quantization_config")
+    if quantization:
+        # Quantized weights (int8/int4 with scales) are not the float matrices the mapping expects.
+        if isinstance(quantization, dict):
+            method = quantization.get("quant_method")
+        else:
+            method = _get(quantization, "quant_method")
+        raise _unsupported(
+            model_type, f"quantized weights (quantization_config, quant_method={method!r}) are not supported"
+        )
+    return _gpt2_model_config(hf_config) if model_type == "gpt2" else _llama_model_config(hf_config)
+
+
 def _gpt2_model_config(hf_config: Any) -> ModelConfig:
     act = _get(hf_config, "activation_function", "gelu_new")
     if act not in _TANH_GELUS:
@@ -249,24 +286,27 @@ def _gpt2_model_config(hf_config: Any) -> ModelConfig:
     if _get(hf_config, "scale_attn_by_inverse_layer_idx", False):
         raise _unsupported("gpt2", "scale_attn_by_inverse_layer_idx=true is not supported")
     n_inner = _get(hf_config, "n_inner")
-    return ModelConfig(
-        vocab_size=hf_config.vocab_size,
-        block_size=hf_config.n_positions,
-        n_layer=hf_config.n_layer,
-        n_head=hf_config.n_head,
-        n_kv_head=None,
-        d_model=hf_config.n_embd,
-        d_ff=n_inner if n_inner else None,
-        dropout=float(_get(hf_config, "resid_pdrop", 0.0) or 0.0),
-        bias=True,
-        tie_embeddings=bool(_get(hf_config, "tie_word_embeddings", True)),
-        position="learned",
-        norm="layernorm",
-        norm_eps=float(hf_config.layer_norm_epsilon),
-        mlp="gelu",
-        qk_norm=False,
-        init_std=float(_get(hf_config, "initializer_range", 0.02)),
-    )
+    try:
+        return ModelConfig(
+            vocab_size=hf_config.vocab_size,
+            block_size=hf_config.n_positions,
+            n_layer=hf_config.n_layer,
+            n_head=hf_config.n_head,
+            n_kv_head=None,
+            d_model=hf_config.n_embd,
+            d_ff=n_inner if n_inner else None,
+            dropout=float(_get(hf_config, "resid_pdrop", 0.0) or 0.0),
+            bias=True,
+            tie_embeddings=bool(_get(hf_config, "tie_word_embeddings", True)),
+            position="learned",
+            norm="layernorm",
+            norm_eps=float(hf_config.layer_norm_epsilon),
+            mlp="gelu",
+            qk_norm=False,
+            init_std=float(_get(hf_config, "initializer_range", 0.02)),
+        )
+    except ConfigError as exc:  # as for Llama: say that the values come from a Hugging Face config
+        raise _unsupported("gpt2", str(exc)) from None
 
 
 def _llama_rope_theta(hf_config: Any) -> float:
@@ -383,10 +423,7 @@ def from_hf(hf_model: Any) -> GPT:
             f"cannot convert {type(hf_model).__name__}: gptkit converts causal language models "
             "(GPT2LMHeadModel, LlamaForCausalLM), which have an lm_head"
         )
-    if model_type == "gpt2":
-        config = _gpt2_model_config(hf_config)
-    else:
-        config = _llama_model_config(hf_config)
+    config = _model_config(model_type, hf_config)
     state = {k: v.detach().to(device="cpu", dtype=torch.float32) for k, v in hf_model.state_dict().items()}
     try:
         if model_type == "gpt2":
@@ -428,7 +465,7 @@ def save_hf(
             raise ConfigError(f"eot_id {eot_id} is not a token of the model (vocabulary {model.config.vocab_size})")
         for config in (hf.config, hf.generation_config):
             config.bos_token_id = config.eos_token_id = eot_id
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out) as tmp, _quiet_transformers():
         hf.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer_json_path is not None:
             shutil.copyfile(tokenizer_json_path, tmp / TOKENIZER_FILE)
@@ -467,17 +504,45 @@ def load_hf(path: str | os.PathLike[str]) -> GPT:
     model_type = _check_model_type(_read_hf_config(directory)["model_type"])
     transformers = _transformers()
     cls = transformers.GPT2LMHeadModel if model_type == "gpt2" else transformers.LlamaForCausalLM
+    # The config is read and checked before the weights: an option gptkit cannot represent (or a
+    # quantized model) is refused at once, not after every weight of a model that may be many GB
+    # has been read in fp32.
+    try:
+        with _quiet_transformers():
+            hf_config = cls.config_class.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # transformers validates field types with errors of its own (not ValueError)
+        # Its message is "Validation error for field 'x':" and the reason on the next line: keep both.
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise CheckpointError(f"invalid Hugging Face config in {directory}: {detail}") from None
+    _model_config(model_type, hf_config)
     major = int(transformers.__version__.split(".")[0])
     dtype_kw = {"dtype": torch.float32} if major >= 5 else {"torch_dtype": torch.float32}
     try:
-        hf, info = cls.from_pretrained(
-            str(directory), local_files_only=True, output_loading_info=True, **dtype_kw
-        )
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        # ignore_mismatched_sizes: a tensor of the wrong shape is then reported in ``info`` (and
+        # named below) instead of raising an error that points at a report printed elsewhere.
+        with _quiet_transformers():
+            hf, info = cls.from_pretrained(
+                str(directory), config=hf_config, local_files_only=True, output_loading_info=True,
+                ignore_mismatched_sizes=True, **dtype_kw,
+            )
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError, EOFError) as exc:
+        # pickle.UnpicklingError, EOFError: torch.load on a damaged or empty pytorch_model.bin (a pickle),
+        # or one holding objects that weights_only loading refuses.
         raise CheckpointError(f"cannot load Hugging Face model from {directory}: {first_line(exc)}") from None
-    missing = list(info.get("missing_keys") or [])
-    mismatched = list(info.get("mismatched_keys") or [])
-    if missing or mismatched:
-        problem = f"missing weights {missing[:3]}" if missing else f"mismatched shapes {mismatched[:3]}"
-        raise CheckpointError(f"incomplete Hugging Face model in {directory}: {problem}")
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    missing = sorted(info.get("missing_keys") or [])
+    if mismatched:  # first: a config that does not describe the weights usually leaves some missing too
+        name, saved, wanted = mismatched[0]
+        raise CheckpointError(
+            f"Hugging Face model in {directory} does not match its config: tensor {name} has shape "
+            f"{tuple(saved)}, the config needs {tuple(wanted)}"
+        )
+    if missing:
+        raise CheckpointError(f"incomplete Hugging Face model in {directory}: missing weights {missing[:3]}")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:  # ignored, as transformers does (its own report is silenced above)
+        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+        logger.warning(
+            "%s: ignoring weights the config has no place for: %s%s", directory, ", ".join(unexpected[:3]), more
+        )
     return from_hf(hf)

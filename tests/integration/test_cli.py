@@ -151,6 +151,29 @@ def test_corrupt_checkpoint(trained: Path, tmp_path: Path) -> None:
     assert_one_line_error(gptkit("generate", str(broken), cwd=tmp_path, check=False), "corrupt checkpoint config")
 
 
+def test_convert_a_damaged_hugging_face_directory(tmp_path: Path) -> None:
+    """Only gptkit's one line on stderr (no traceback, no transformers report or progress bar),
+    and nothing written."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=61, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"")  # an older save's pickle, empty
+    result = gptkit("convert", "hf", "out", cwd=tmp_path, check=False)
+    assert_one_line_error(result, "cannot load Hugging Face model from hf")
+    (tmp_path / "hf" / "pytorch_model.bin").unlink()
+    del weights["transformer.h.1.ln_2.bias"]
+    save_file(weights, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    result = gptkit("convert", "hf", "out", cwd=tmp_path, check=False)
+    assert_one_line_error(result, "missing weights ['transformer.h.1.ln_2.bias']")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 def test_unknown_config_key(workdir: Path) -> None:
     result = gptkit("train", "recipe.yaml", "--train.learning_rate=1", cwd=workdir, check=False)
     assert_one_line_error(result, "unknown key 'train.learning_rate'", "allowed keys")

@@ -237,3 +237,107 @@ def test_load_hf_missing_or_corrupt_directory(tmp_path) -> None:
     ours.mkdir()
     (ours / "config.json").write_text('{"format": "gptkit-checkpoint", "version": 1}', encoding="utf-8")
     assert not is_hf_directory(ours)
+
+
+def _saved_hf_dir(tmp_path, family: str = "gpt2", name: str = "hf"):
+    torch.manual_seed(600)
+    shape = GPT2_SHAPES[0] if family == "gpt2" else {**LLAMA_STYLE, **LLAMA_SHAPES[0]}
+    directory = tmp_path / name
+    _hf_model(family, shape).save_pretrained(directory)
+    return directory
+
+
+def _edit_config(directory, **fields) -> None:
+    path = directory / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.update(fields)
+    path.write_text(json.dumps(config), encoding="utf-8")
+
+
+def test_load_hf_refuses_unsupported_options_before_reading_weights(tmp_path) -> None:
+    """An option gptkit cannot represent is a ConfigError naming it, decided from config.json alone:
+    a large model is not read (in fp32) first, and its weights need not even be loadable."""
+    directory = _saved_hf_dir(tmp_path)
+    (directory / "model.safetensors").write_bytes(b"not a safetensors file" * 4)
+    for fields, name in [
+        ({"activation_function": "relu"}, "activation_function"),
+        ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+    ]:
+        supported = {"activation_function": "gelu_new", "scale_attn_by_inverse_layer_idx": False}
+        _edit_config(directory, **{**supported, **fields})
+        with pytest.raises(ConfigError, match=name) as info:
+            load_hf(directory)
+        assert "\n" not in str(info.value)
+
+
+def test_load_hf_refuses_quantized_models(tmp_path) -> None:
+    directory = _saved_hf_dir(tmp_path, "llama")
+    _edit_config(directory, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128})
+    with pytest.raises(ConfigError, match="quantiz.*gptq") as info:
+        load_hf(directory)
+    assert "\n" not in str(info.value)
+    hf = _hf_model("gpt2", GPT2_SHAPES[0])  # and a model in memory (from_hf)
+    hf.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    with pytest.raises(ConfigError, match="quantiz.*bitsandbytes"):
+        from_hf(hf)
+
+
+def test_load_hf_config_values_of_the_wrong_type(tmp_path) -> None:
+    directory = _saved_hf_dir(tmp_path)
+    _edit_config(directory, vocab_size=None)
+    # transformers >= 5 validates field types itself (CheckpointError); 4.x leaves it to gptkit (ConfigError).
+    with pytest.raises((CheckpointError, ConfigError), match="vocab_size") as info:
+        load_hf(directory)
+    assert "\n" not in str(info.value)
+    # A value of the right type that gptkit refuses says that it comes from a Hugging Face config.
+    _edit_config(directory, vocab_size=GPT2_SHAPES[0]["vocab_size"], n_layer=0)
+    with pytest.raises(ConfigError, match=r"^cannot convert Hugging Face gpt2 model: model.n_layer"):
+        load_hf(directory)
+
+
+def test_load_hf_damaged_pytorch_model_bin(tmp_path) -> None:
+    """Older saves hold pytorch_model.bin (a pickle): a damaged or empty one is a CheckpointError."""
+    directory = _saved_hf_dir(tmp_path)
+    (directory / "model.safetensors").unlink()
+    for content in (b"", b"not a pickle" * 8):
+        (directory / "pytorch_model.bin").write_bytes(content)
+        with pytest.raises(CheckpointError) as info:
+            load_hf(directory)
+        assert str(directory) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_load_hf_names_a_tensor_of_the_wrong_shape(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    directory = _saved_hf_dir(tmp_path)
+    weights = load_file(directory / "model.safetensors")
+    weights["transformer.h.1.ln_2.weight"] = torch.ones(GPT2_SHAPES[0]["d_model"] + 1)
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"transformer\.h\.1\.ln_2\.weight has shape \(65,\)") as info:
+        load_hf(directory)
+    assert "\n" not in str(info.value)
+
+
+def test_load_and_save_print_nothing_of_transformers(tmp_path, capfd, caplog) -> None:
+    """gptkit reports every problem itself in one line: transformers' multi-line load report,
+    config warnings and progress bars would come before that line in the CLI's output."""
+    from safetensors.torch import load_file, save_file
+
+    directory = _saved_hf_dir(tmp_path)
+    save_hf(load_hf(directory), tmp_path / "again")
+    weights = load_file(directory / "model.safetensors")
+    del weights["transformer.h.0.ln_1.bias"]
+    weights["transformer.h.9.ln_1.bias"] = torch.zeros(GPT2_SHAPES[0]["d_model"])  # no such layer
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    capfd.readouterr()
+    with pytest.raises(CheckpointError, match=r"missing weights \['transformer.h.0.ln_1.bias'\]"):
+        load_hf(directory)
+    assert capfd.readouterr().err == ""
+    # Weights the config has no place for are ignored, as transformers does, with one line saying so.
+    weights["transformer.h.0.ln_1.bias"] = torch.zeros(GPT2_SHAPES[0]["d_model"])
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    caplog.clear()
+    load_hf(directory)
+    assert capfd.readouterr().err == ""
+    warnings = [r.getMessage() for r in caplog.records if r.name == "gptkit.model.hf"]
+    assert len(warnings) == 1 and "transformer.h.9.ln_1.bias" in warnings[0] and "\n" not in warnings[0]
