@@ -191,19 +191,32 @@ def check_sharded_shapes(shard_dir: Path, expected: dict[str, Any], what: str) -
             )
 
 
+def dcp_failure(exc: BaseException) -> BaseException:
+    """The exception behind a DCP ``CheckpointException`` (that of the lowest failing rank): its
+    own message is a header line followed by every rank's traceback."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = failures[min(failures)]
+        return inner[0] if isinstance(inner, tuple) else inner
+    return exc
+
+
 def load_sharded(state: dict[str, Any], shard_dir: Path) -> None:
     """``dcp.load`` into ``state`` in place, in the current layout (any number of processes,
     including one without a process group); errors become one-line CheckpointErrors."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
             dcp.load(state, checkpoint_id=str(shard_dir))
-    except Exception as exc:  # CheckpointException wraps per-rank tracebacks; keep one line
-        raise CheckpointError(f"cannot read sharded checkpoint {shard_dir}: {first_line(exc)}") from None
+    # CheckpointException (a shard file missing or unreadable on some rank) derives from
+    # BaseException, not Exception, so it is named here; DCP raises it on every rank together.
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"cannot read sharded checkpoint {shard_dir}: {first_line(dcp_failure(exc))}") from None
 
 
 def load_sharded_model_weights(model: GPT, directory: Path) -> None:

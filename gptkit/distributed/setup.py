@@ -126,3 +126,14 @@ def mean_over_ranks(value: float) -> float:
         tensor = tensor.cuda()
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return float(tensor.item()) / dist.get_world_size()
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest of a Python float over all ranks (identity without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())

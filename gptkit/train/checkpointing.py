@@ -52,6 +52,7 @@ from gptkit.checkpoint import (
     WEIGHTS_FILE,
     check_sharded_shapes,
     convert_row_order,
+    dcp_failure,
     has_sharded_state,
     load_sharded,
     write_model_files,
@@ -351,6 +352,7 @@ def save_sharded_training_checkpoint(
     into one temporary sibling, which rank 0 renames into place once everyone has finished."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -361,7 +363,18 @@ def save_sharded_training_checkpoint(
         tmp.mkdir(parents=True)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR))
+    try:
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR))
+    except CheckpointException as exc:
+        # A rank could not write its shards (a full disk, a vanished folder): DCP raises this on
+        # every rank together, as a BaseException holding each rank's traceback. Raise the failing
+        # rank's own error instead (an OSError is what Trainer.save_checkpoint reports in one line).
+        failure = dcp_failure(exc)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(failure, OSError):
+            raise failure from None
+        raise CheckpointError(f"cannot save the sharded checkpoint {directory}: {first_line(failure)}") from None
     error: list[str | None] = [None]
     failure: Exception | None = None
     if rank == 0:

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from gptkit.data import load_meta, prepare_dataset
 from gptkit.data.loader import BatchLoader, eval_batches
 from gptkit.distributed.mesh import ParallelDims
 from gptkit.distributed.setup import barrier, init_distributed
-from gptkit.errors import CheckpointError, ConfigError, reason
+from gptkit.errors import CheckpointError, ConfigError, GptkitError, reason
 from gptkit.model.gpt import GPT
 from gptkit.train.checkpointing import (
     CHECKPOINT_DIR,
@@ -118,11 +119,10 @@ def build_trainer(config: RunConfig, *, progress: bool = False) -> Trainer:
     dims = ParallelDims.from_config(train_config, world.world_size)
     dims.validate_model(config.model)
     dp_rank = dims.dp_rank(world.rank)
-    if world.is_main:
+    if world.world_size == 1:
         meta = ensure_prepared(config, progress=progress)
-    if world.world_size > 1:
-        torch.distributed.barrier()
-    meta = meta if world.is_main else load_meta(Path(config.data.dir))
+    else:
+        meta = _prepare_on_rank_0(config, rank=world.rank, progress=progress)
     torch.manual_seed(train_config.seed)
     model_config = config.model
     if model_config.vocab_size != meta["vocab_size"]:
@@ -157,6 +157,65 @@ def build_trainer(config: RunConfig, *, progress: bool = False) -> Trainer:
         tokenizer_path=data_dir / "tokenizer.json",
         device=world.device,
     )
+
+
+def _raise_together(error: GptkitError | None) -> None:
+    """A collective: every rank raises the error of the lowest rank that had one, so a rank that
+    fails alone (rank 0 preparing the data, a rank that cannot see a shared directory) neither
+    leaves the others waiting in the next collective until train.dist_timeout_s nor makes them
+    die with a traceback when its exit closes their connections."""
+    errors: list[GptkitError | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    first = next((found for found in errors if found is not None), None)
+    if first is not None:
+        raise first from None
+
+
+def _prepare_on_rank_0(config: RunConfig, *, rank: int, progress: bool) -> dict:
+    """The prepared data's metadata, under several processes: rank 0 prepares the data (once, for
+    all) while the others wait, then every rank reads it. Rank 0 also makes a file (removed after) in
+    train.out_dir that every rank must see: all ranks write their checkpoint shards into that
+    directory, and on storage that is not shared each rank's shards would land on its own disk,
+    leaving a checkpoint that cannot be read, with no error."""
+    out_dir = Path(config.train.out_dir)
+    marker: list[str | None] = [None]
+    error: GptkitError | None = None
+    is_main = rank == 0
+    if is_main:
+        try:
+            meta = ensure_prepared(config, progress=progress)
+            marker[0] = f".gptkit-shared-{os.getpid()}-{os.urandom(6).hex()}"
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                (out_dir / marker[0]).touch()
+            except OSError as exc:
+                raise ConfigError(f"train.out_dir {out_dir}: cannot write in it ({reason(exc)})") from None
+        except GptkitError as exc:
+            error = exc
+    _raise_together(error)
+    torch.distributed.broadcast_object_list(marker, src=0)
+    try:
+        if not is_main:
+            try:
+                meta = load_meta(Path(config.data.dir))
+                # A file just made on a network filesystem can take a moment to show on another node.
+                deadline = time.monotonic() + 5.0
+                while not (out_dir / marker[0]).exists() and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if not (out_dir / marker[0]).exists():
+                    raise ConfigError(
+                        f"train.out_dir {out_dir} is not shared: rank {rank} does not see the file rank 0 wrote there; "
+                        "every rank writes its checkpoint shards into it, so it must be one directory on a "
+                        "filesystem all ranks share (see docs/multi-node.md)"
+                    )
+            except GptkitError as exc:
+                error = exc
+        _raise_together(error)
+    finally:
+        if is_main and marker[0] is not None:
+            with contextlib.suppress(OSError):
+                (out_dir / marker[0]).unlink()
+    return meta
 
 
 def start_run(

@@ -28,7 +28,7 @@ from gptkit.checkpoint import WEIGHTS_FILE, has_sharded_state, load_model_weight
 from gptkit.config import SHARDED_STRATEGIES, TrainConfig
 from gptkit.distributed.parallelize import clip_grad_norm, parallelize
 from gptkit.distributed.precision import PrecisionPolicy
-from gptkit.distributed.setup import barrier, mean_over_ranks
+from gptkit.distributed.setup import barrier, max_over_ranks, mean_over_ranks
 from gptkit.errors import CheckpointError, GptkitError, TrainingError, first_line, reason
 from gptkit.fileio import atomic_write_text
 from gptkit.train import tensorboard
@@ -308,7 +308,13 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), 0
         while self.step < config.max_steps and not self._out_of_time():
             loss, grad_norm = self.train_step()
-            self.train_seconds = seconds_before + (time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            if config.max_seconds is not None:
+                # Each rank's clock started at its own moment: under a wall-clock budget all ranks
+                # take the longest, so that they set the same learning rate (time_progress) and stop
+                # at the same step; a rank that stopped alone would leave the others in a collective.
+                elapsed = max_over_ranks(elapsed)
+            self.train_seconds = seconds_before + elapsed
             if tokens_per_step == 0:
                 x_shape = self.train_batches_shape()
                 # Global throughput: every rank consumes its own micro-batches.

@@ -133,6 +133,50 @@ def test_sharded_shape_mismatch_is_one_line(sharded_checkpoint, tmp_path: Path) 
         gptkit.load(directory)
 
 
+def test_sharded_checkpoint_missing_a_shard_file_is_one_line(sharded_checkpoint, tmp_path: Path) -> None:
+    # A partial copy, or a run whose ranks did not share train.out_dir: .metadata names a shard
+    # file that is not there. DCP raises a CheckpointException, a BaseException, not an Exception.
+    directory, _, _ = sharded_checkpoint
+    (directory / WEIGHTS_FILE).unlink()
+    for shard in (directory / SHARDED_DIR).glob("*.distcp"):
+        shard.unlink()
+    with pytest.raises(CheckpointError, match=r"cannot read sharded checkpoint .*No such file or directory") as info:
+        gptkit.load(directory)
+    assert "\n" not in str(info.value)
+    fresh = tiny()
+    with pytest.raises(CheckpointError, match=r"cannot read sharded checkpoint .*No such file or directory"):
+        load_sharded_training_state(directory, fresh, build_optimizer(fresh, TrainConfig()))
+    result = train_cli(tmp_path, "convert", str(directory), str(tmp_path / "single"), "--to", "gptkit")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "error: cannot read sharded checkpoint" in result.stderr and not (tmp_path / "single").exists()
+
+
+def test_a_failed_shard_write_is_an_oserror_and_leaves_no_temporary(tmp_path: Path, monkeypatch) -> None:
+    # Trainer.save_checkpoint turns an OSError into its one-line "cannot save the checkpoint" error;
+    # DCP wraps a rank's write failure in a CheckpointException (a BaseException) instead.
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    def full_disk(self, plan, planner):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
+    model = tiny()
+    optimizer = build_optimizer(model, TrainConfig())
+    trained_step(model, optimizer)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        with pytest.raises(OSError, match="No space left on device"):
+            save_sharded_training_checkpoint(
+                tmp_path / "checkpoint", model=model, optimizer=optimizer, step=1, run_config={},
+                data_state={"epoch": 0, "batch_index": 1}, tokenizer_json=None,
+            )
+    finally:
+        dist.destroy_process_group()
+    assert not list(tmp_path.glob("*checkpoint*"))  # neither the checkpoint nor its temporary
+
+
 # ------------------------------------------------------------------ real torchrun launches (slow)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -178,3 +179,99 @@ def test_a_dead_rank_makes_the_other_fail_within_the_timeout(workdir: Path) -> N
             p.communicate()
     assert procs[1].returncode == 3
     assert survivor_rc != 0  # and within the wait's 120 s, or the wait above raised
+
+
+LATE_RANK_1 = """
+import json, os, sys, time
+from gptkit.train.trainer import Trainer
+from gptkit.cli import main
+
+original_fit, original_step = Trainer._fit, Trainer.train_step
+
+def _fit(self, on_step):
+    if os.environ["RANK"] == "1":
+        time.sleep(1.0)  # reaches the loop later (slow storage, a busier node): its clock starts later
+    return original_fit(self, on_step)
+
+def train_step(self):
+    result = original_step(self)
+    with open(f"lr_rank{os.environ['RANK']}.jsonl", "a") as f:
+        f.write(json.dumps([self.step, self.current_lr]) + "\\n")
+    return result
+
+Trainer._fit, Trainer.train_step = _fit, train_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_under_a_wall_clock_budget_keeps_the_ranks_in_step(workdir: Path) -> None:
+    """train.max_seconds: the learning rate follows the time used and the run stops when it is
+    spent; every rank must agree on both, or replicas drift apart and one rank stops while the
+    other waits in a collective."""
+    (workdir / "late.py").write_text(LATE_RANK_1)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "late.py", "train", "recipe.yaml", "--quiet", "--train.strategy=ddp", "--train.batch_size=4",
+        "--train.max_steps=100000", "--train.max_seconds=2", "--train.dist_timeout_s=30", "--train.out_dir=budget",
+    ]
+    result = subprocess.run(command, cwd=workdir, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = (workdir / "lr_rank0.jsonl").read_text().splitlines()
+    rank1 = (workdir / "lr_rank1.jsonl").read_text().splitlines()
+    assert len(rank0) > 1 and rank0 == rank1  # same steps, same learning rate at each
+    state = json.loads((workdir / "budget" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == len(rank0) == len(losses(workdir / "budget"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_data_error_on_rank_0_stops_every_rank_with_one_line(workdir: Path) -> None:
+    """Only rank 0 prepares the data; the others wait for it and must learn of its failure from
+    it, not from their connections closing (a traceback) or from dist_timeout_s."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "gptkit.cli", "train", "recipe.yaml", "--quiet", "--train.strategy=ddp",
+        "--data.source=missing.txt", "--data.dir=missing", "--train.out_dir=run",
+    ]
+    result = subprocess.run(command, cwd=workdir, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr, result.stderr[-3000:]
+    # One line per rank that got to print it: torchrun's agent may stop the other rank first.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("missing.txt does not exist" in line for line in errors), result.stderr[-3000:]
+    assert not (workdir / "run").exists() and not (workdir / "missing").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_an_out_dir_the_ranks_do_not_share_is_a_config_error(workdir: Path, tmp_path_factory) -> None:
+    """Two "nodes" (working directories) each with its own copy of the data and a relative
+    train.out_dir: each rank's checkpoint shards would land in its own directory, and the run used
+    to end with exit 0 and a checkpoint that cannot be read."""
+    cli_train(workdir, "--train.max_steps=1", "--train.out_dir=warmup")  # prepare the data up front
+    other = tmp_path_factory.mktemp("node1")
+    shutil.copytree(workdir / "prepared", other / "prepared")
+    shutil.copy(workdir / "recipe.yaml", other / "recipe.yaml")
+    port = str(free_port())
+    procs = []
+    for rank, cwd in ((0, workdir), (1, other)):
+        env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "gptkit.cli", "train", "recipe.yaml", "--quiet", "--train.strategy=fsdp",
+             "--train.batch_size=4", "--train.max_steps=4", "--train.dist_timeout_s=60", "--train.out_dir=run"],
+            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    try:
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, stderr) in zip(procs, outputs):
+        assert p.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "train.out_dir run is not shared: rank 1 does not see" in errors[0], stderr
+    assert not (workdir / "run").exists() and not (other / "run").exists()  # nothing half-written
