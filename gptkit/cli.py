@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import json
 import logging
 import os
 import re
@@ -310,14 +311,32 @@ def _check_convert_destination(given: Path, source: Path, destination: Path, *, 
         )
 
 
+def _hf_tokenizer_files(tokenizer: Any, path: Path, model: Any) -> dict[str, str]:
+    """The tokenizer files of a Hugging Face export: a BPE tokenizer.json is Hugging Face's format
+    already; a character tokenizer is written in that format (``CharTokenizer.to_hf_json``), with a
+    tokenizer_config.json that makes ``AutoTokenizer`` load it as it is."""
+    from gptkit.tokenizer import EOT_TOKEN, CharTokenizer
+
+    if not isinstance(tokenizer, CharTokenizer):
+        return {"tokenizer.json": path.read_text(encoding="utf-8")}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": EOT_TOKEN,
+        "eos_token": EOT_TOKEN,
+        "model_max_length": model.config.block_size,
+    }
+    return {"tokenizer.json": tokenizer.to_hf_json(), "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
+
+
 def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     from gptkit.api import load, load_tokenizer, resolve_checkpoint_dir
     from gptkit.checkpoint import TOKENIZER_FILE, write_model_files
     from safetensors import SafetensorError
 
-    from gptkit.errors import reason
+    from gptkit.errors import TokenizerError, reason
     from gptkit.fileio import atomic_directory
     from gptkit.model.hf import is_hf_directory, save_hf
+    from gptkit.tokenizer import CharTokenizer
 
     if overrides:
         raise ConfigError(f"convert takes no recipe overrides; got {overrides[0]!r}")
@@ -326,18 +345,30 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     _check_convert_destination(Path(args.source), source, destination, force=args.force)
     target = args.to or ("gptkit" if is_hf_directory(source) else "hf")
     model = load(source)
-    tokenizer = source / TOKENIZER_FILE
-    eot_id = load_tokenizer(tokenizer).eot_id if target == "hf" and tokenizer.exists() else None
+    tokenizer_path = source / TOKENIZER_FILE
+    tokenizer = None
+    if tokenizer_path.exists():
+        try:
+            tokenizer = load_tokenizer(tokenizer_path)
+        except TokenizerError:
+            if target == "hf":
+                raise
+            # Into gptkit: a tokenizer gptkit cannot read (yet) is copied as it is, for other tools.
     try:
         if target == "hf":
-            save_hf(model, destination, tokenizer_json_path=tokenizer if tokenizer.exists() else None, eot_id=eot_id)
+            save_hf(
+                model, destination, eot_id=None if tokenizer is None else tokenizer.eot_id,
+                tokenizer_files=None if tokenizer is None else _hf_tokenizer_files(tokenizer, tokenizer_path, model),
+            )
         else:
             import shutil
 
             with atomic_directory(destination) as tmp:
                 write_model_files(tmp, model)
-                if tokenizer.exists():
-                    shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+                if isinstance(tokenizer, CharTokenizer):  # gptkit's own format, also when it came from an export
+                    tokenizer.save(tmp)
+                elif tokenizer_path.exists():
+                    shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
     except (OSError, SafetensorError) as exc:  # a full disk, a read-only place, a file in the way
         where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
         raise ConfigError(f"cannot write {destination}: {reason(exc)}{where}; nothing was written there") from None

@@ -20,6 +20,7 @@ import os
 import pickle
 import shutil
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -449,10 +450,13 @@ def save_hf(
     tokenizer_json_path: str | os.PathLike[str] | None = None,
     *,
     eot_id: int | None = None,
+    tokenizer_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face model directory (config.json + model.safetensors), atomically.
 
-    With ``tokenizer_json_path`` the tokenizer file is copied in as tokenizer.json. ``eot_id`` (the
+    With ``tokenizer_json_path`` the tokenizer file is copied in as tokenizer.json; or
+    ``tokenizer_files`` (file name -> text) are written, e.g. a character tokenizer in Hugging Face
+    format with its tokenizer_config.json (``gptkit convert`` does that). ``eot_id`` (the
     tokenizer's ``<|endoftext|>``) becomes the BOS and EOS token id, as in GPT-2's own config, so
     that ``generate`` in transformers stops at the end of a document. Returns the directory.
     """
@@ -469,6 +473,8 @@ def save_hf(
         hf.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer_json_path is not None:
             shutil.copyfile(tokenizer_json_path, tmp / TOKENIZER_FILE)
+        for name, text in (tokenizer_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return out
 
 

@@ -130,6 +130,24 @@ class CharTokenizer(Tokenizer):
             "special_tokens": {EOT_TOKEN: self._eot_id},
         }
 
+    def to_hf_json(self) -> str:
+        """The same tokenizer in Hugging Face ``tokenizers`` format (the text of a tokenizer.json),
+        for model exports that ``transformers.AutoTokenizer`` should load: a BPE model without
+        merges, so each character is looked up alone, whose byte fallback spells an unknown
+        character as its UTF-8 bytes (tokens ``<0x00>`` .. ``<0xFF>``), with ``<|endoftext|>`` as
+        a special token. Every id is the same as here, so both encode any text to the same ids
+        (tested); :func:`char_tokenizer_from_hf` reads it back."""
+        from tokenizers import AddedToken, decoders, models
+        from tokenizers import Tokenizer as HFTokenizer
+
+        vocab = {c: i for i, c in enumerate(self._chars)}
+        vocab.update({_byte_token(b): self._byte_offset + b for b in range(_N_BYTES)})
+        vocab[EOT_TOKEN] = self._eot_id
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+        hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+        hf.add_special_tokens([AddedToken(EOT_TOKEN, special=True, normalized=False)])
+        return hf.to_str()
+
     @classmethod
     def from_dict(cls, obj: dict[str, Any], *, source: str = "tokenizer") -> CharTokenizer:
         """Rebuild from ``to_dict`` output; ``source`` names the file in error messages."""
@@ -158,6 +176,42 @@ class CharTokenizer(Tokenizer):
             return cls(chars)
         except TokenizerError as e:
             raise bad(str(e)) from None
+
+
+def _byte_token(value: int) -> str:
+    return f"<0x{value:02X}>"
+
+
+def char_tokenizer_from_hf(obj: dict[str, Any]) -> CharTokenizer | None:
+    """The CharTokenizer that a Hugging Face tokenizer.json written by
+    :meth:`CharTokenizer.to_hf_json` describes (e.g. in a model exported by ``gptkit convert``), or
+    None when ``obj`` is any other tokenizer: only the exact layout is recognised, so that a model
+    converted back to gptkit gets its character tokenizer back, ids and all."""
+    model = obj.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("merges") or not model.get("byte_fallback"):
+        return None
+    if obj.get("normalizer") is not None or obj.get("pre_tokenizer") is not None or obj.get("post_processor") is not None:
+        return None
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or len(vocab) < _N_BYTES + 1:
+        return None
+    by_id = sorted(vocab.items(), key=lambda item: item[1])
+    if [token_id for _, token_id in by_id] != list(range(len(by_id))):
+        return None
+    n = len(by_id) - _N_BYTES - 1
+    chars = [token for token, _ in by_id[:n]]
+    layout_ok = (
+        [token for token, _ in by_id[n : n + _N_BYTES]] == [_byte_token(b) for b in range(_N_BYTES)]
+        and by_id[-1][0] == EOT_TOKEN
+        and all(isinstance(c, str) and len(c) == 1 for c in chars)
+    )
+    added = obj.get("added_tokens") or []
+    if not layout_ok or [(t.get("content"), t.get("id")) for t in added] != [(EOT_TOKEN, n + _N_BYTES)]:
+        return None
+    try:
+        return CharTokenizer(chars)
+    except TokenizerError:
+        return None
 
 
 def train_char_tokenizer(texts: Iterable[str]) -> CharTokenizer:

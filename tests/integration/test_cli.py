@@ -94,7 +94,11 @@ def test_convert_to_hugging_face_and_back(trained: Path, workdir: Path) -> None:
     b = gptkit("generate", "back", "--prompt", "ROMEO", "--temperature", "0", "--max-new-tokens", "20", cwd=workdir)
     c = gptkit("generate", "hf-export", "--prompt", "ROMEO", "--temperature", "0", "--max-new-tokens", "20",
                "--tokenizer", "run", cwd=workdir)
-    assert a.stdout == b.stdout == c.stdout
+    # The export's own tokenizer.json (the character tokenizer in Hugging Face's format) serves too.
+    d = gptkit("generate", "hf-export", "--prompt", "ROMEO", "--temperature", "0", "--max-new-tokens", "20", cwd=workdir)
+    assert a.stdout == b.stdout == c.stdout == d.stdout
+    # ... and converting back restores gptkit's own tokenizer file, byte for byte.
+    assert (workdir / "back" / "tokenizer.json").read_bytes() == (trained / "checkpoint" / "tokenizer.json").read_bytes()
     exists = gptkit("convert", "run", "hf-export", cwd=workdir, check=False)
     assert_one_line_error(exists, "hf-export exists", "--force")
     # The tokenizer's <|endoftext|> is the export's BOS/EOS, so transformers' generate stops there.
@@ -104,6 +108,15 @@ def test_convert_to_hugging_face_and_back(trained: Path, workdir: Path) -> None:
     for name in ("config.json", "generation_config.json"):
         exported = json.loads((workdir / "hf-export" / name).read_text())
         assert exported["eos_token_id"] == exported["bos_token_id"] == eot
+    # transformers loads the exported tokenizer as it is and encodes like gptkit's (unknown
+    # characters through the same byte fallback), so the export works in a transformers pipeline.
+    import transformers
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "hf-export")
+    text = "ROMEO: caf\u00e9 \u65e5\u672c \U0001F600\n" + "<|endoftext|>" + "JULIET"
+    assert hf_tokenizer(text)["input_ids"] == load_tokenizer(trained).encode(text)
+    assert hf_tokenizer.decode(hf_tokenizer(text)["input_ids"]) == text
+    assert hf_tokenizer.eos_token_id == eot
     # --force never replaces the source run (or a folder holding it).
     before = sorted(p.name for p in (trained / "checkpoint").iterdir())
     assert_one_line_error(gptkit("convert", "run", "run", "--force", cwd=workdir, check=False),

@@ -22,6 +22,7 @@ from gptkit.tokenizer import (
     train_bpe_tokenizer,
     train_char_tokenizer,
 )
+from gptkit.tokenizer.char import char_tokenizer_from_hf
 
 # -- corpora ----------------------------------------------------------------------------------
 
@@ -485,3 +486,42 @@ def test_a_unicode_normalizer_is_refused(bpe_tok: BPETokenizer, tmp_path: Path, 
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(data))
     _assert_one_line_error(path, "does not reproduce text exactly")
+
+
+# -- the character tokenizer in Hugging Face's format (model exports) -------------------------
+
+
+@pytest.mark.parametrize("which", ["char", "char-trained-on-them"])
+def test_char_tokenizer_in_hf_format_encodes_and_decodes_the_same(which, char_tok, char_tok_on_hard_strings) -> None:
+    ours = {"char": char_tok, "char-trained-on-them": char_tok_on_hard_strings}[which]
+    theirs = HFTokenizer.from_str(ours.to_hf_json())
+    assert theirs.get_vocab_size() == ours.vocab_size
+    for text in [*HARD_STRINGS, *FUZZ_STRINGS[:100], TRAIN_TEXT[:2000], "<0x41> literal byte-token text"]:
+        ids = ours.encode(text)
+        assert theirs.encode(text).ids == ids, text
+        assert theirs.decode(ids, skip_special_tokens=False) == ours.decode(ids) == text
+
+
+def test_char_tokenizer_reads_back_from_hf_format_and_nothing_else_does(char_tok, bpe_tok, tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_text(char_tok.to_hf_json(), encoding="utf-8")
+    back = load_tokenizer(tmp_path)
+    assert isinstance(back, CharTokenizer) and back.to_dict() == char_tok.to_dict()
+    # Other Hugging Face tokenizers stay what they are: a byte-level BPE, or the same layout with
+    # one change (a merge, a normaliser, a missing byte token, another special token).
+    assert char_tokenizer_from_hf(bpe_tok.to_dict()) is None
+    exported = json.loads(char_tok.to_hf_json())
+    variants = []
+    merged = json.loads(json.dumps(exported))
+    merged["model"]["merges"] = [["a", "b"]]
+    variants.append(merged)
+    normalised = json.loads(json.dumps(exported))
+    normalised["normalizer"] = {"type": "NFC"}
+    variants.append(normalised)
+    missing_byte = json.loads(json.dumps(exported))
+    del missing_byte["model"]["vocab"]["<0x7F>"]
+    variants.append(missing_byte)
+    other_special = json.loads(json.dumps(exported))
+    other_special["added_tokens"][0]["content"] = "<|im_end|>"
+    variants.append(other_special)
+    for variant in variants:
+        assert char_tokenizer_from_hf(variant) is None
