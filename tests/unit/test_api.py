@@ -120,3 +120,24 @@ def test_generate_takes_stop_none_and_refuses_a_stop_that_is_not_text(tmp_path: 
     for stop in (5, 1.5):
         with pytest.raises(ConfigError, match="stop: must be"):
             gptkit.generate(model, tokenizer, "hello", max_new_tokens=6, stop=stop)  # type: ignore[arg-type]
+
+
+def test_generate_passes_every_sampling_option_on(tmp_path: Path) -> None:
+    """top_k, top_p and repetition_penalty reach the decoder: a nucleus of one token is greedy at
+    any temperature, and the penalty gives decode_tokens' penalised tokens."""
+    from gptkit.generate import decode_tokens
+
+    tokenizer = train_char_tokenizer(["hello world"])
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(BASE, vocab_size=tokenizer.vocab_size)).eval()
+    greedy = gptkit.generate(model, tokenizer, "hello", max_new_tokens=12, temperature=0.0)
+    for options in ({"top_k": 1}, {"top_p": 1e-9}):
+        assert gptkit.generate(model, tokenizer, "hello", max_new_tokens=12, temperature=3.0, seed=0,
+                               **options) == greedy, options
+    assert gptkit.generate(model, tokenizer, "hello", max_new_tokens=12, temperature=3.0, seed=0) != greedy
+    penalised = gptkit.generate(model, tokenizer, "hello", max_new_tokens=12, temperature=0.0, repetition_penalty=1.5)
+    steps = decode_tokens(model, torch.tensor([tokenizer.encode("hello")]), max_new_tokens=12, temperature=0.0,
+                          repetition_penalty=1.5)
+    expected = [int(t) for t in steps]
+    assert len(penalised.token_ids) >= 3 and penalised.token_ids == expected[: len(penalised.token_ids)]
+    assert penalised.token_ids != greedy.token_ids[: len(penalised.token_ids)]

@@ -176,16 +176,26 @@ def test_generate_takes_the_recipes_sample_settings_and_flags_win(
         assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "he", *flags]) == 0
         return capsys.readouterr().out
 
-    def greedy(n: int) -> str:
+    def greedy(n: int, penalty: float = 1.0) -> str:
+        from gptkit.generate import apply_repetition_penalty
+
         ids = tokenizer.encode("he")
         with torch.no_grad():
             for _ in range(n):
-                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+                logits = model(torch.tensor([ids]))[:, -1]
+                seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, torch.tensor([ids]), True)
+                ids.append(int(apply_repetition_penalty(logits, seen, penalty).argmax()))
         return tokenizer.decode(ids) + "\n"
 
     assert greedy(5) != greedy(9)
     assert sample() == greedy(5)  # the recipe's 5 tokens at temperature 0
     assert sample("--max-new-tokens", "9") == greedy(9)  # the flag wins, the recipe's temperature stays
+    # Each sampling flag reaches the decoder: at temperature 3 only a nucleus of one token is greedy.
+    assert sample("--temperature", "3", "--seed", "1") != greedy(5)
+    assert sample("--temperature", "3", "--seed", "1", "--top-k", "1") == greedy(5)
+    assert sample("--temperature", "3", "--seed", "1", "--top-p", "1e-9") == greedy(5)
+    assert greedy(9, 1.5) != greedy(9)
+    assert sample("--max-new-tokens", "9", "--repetition-penalty", "1.5") == greedy(9, 1.5)
 
 
 def test_sigterm_raised_while_a_log_line_is_written_is_not_swallowed() -> None:

@@ -921,6 +921,20 @@ def test_batches_are_shifted_windows_of_the_split(dataset):
     assert len({s % T for s in starts}) == 1
 
 
+def test_the_epoch_shift_varies_so_every_offset_is_trained(dataset):
+    """Windows start at a random shift modulo T, drawn per (seed, epoch): not always at multiples
+    of T, or a token would always sit at the same position in the context."""
+    T = 16
+    everything = read_split(dataset, "train")
+    windows = np.lib.stride_tricks.sliding_window_view(everything, T + 1)
+    shifts = set()
+    for seed in range(6):
+        x, y = BatchLoader(dataset, "train", batch_size=1, block_size=T, seed=seed).next_batch()
+        (start,) = np.flatnonzero((windows == np.array(rows(x, y)[0])).all(axis=1))
+        shifts.add(int(start) % T)
+    assert len(shifts) > 1, shifts
+
+
 def test_loader_resume_is_exact(dataset):
     kwargs = dict(batch_size=16, block_size=128, seed=7)
     straight = BatchLoader(dataset, "train", **kwargs)

@@ -35,6 +35,10 @@ def make_model(seed: int = 0, **overrides) -> GPT:
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
+        # Attention scores of order 1 (at GPT-2's init they are ~0.01 and every softmax is nearly
+        # uniform, so a wrong score scale or a missing key would hardly show in the logits).
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(10.0)
     return model
 
 

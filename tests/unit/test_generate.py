@@ -254,3 +254,44 @@ def test_a_stop_string_completed_by_the_final_flush_still_stops(model, tokenizer
     assert stream.finish() == "" and stream.stopped
     without = _TextStream(tokenizer, ())
     assert without.push(a) + without.push(lead_byte) + without.finish() == "a\ufffd"
+
+
+def test_sample_next_applies_top_p() -> None:
+    """top_p reaches the draw: with p = 0.5 only the top token (probability 0.5) may be drawn."""
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(2000, 1)
+    drawn = sample_next(logits, temperature=1.0, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert drawn.tolist() == [0] * 2000
+    unfiltered = sample_next(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert set(unfiltered.tolist()) == {0, 1, 2, 3}  # without it every token turns up
+
+
+def test_decode_tokens_applies_top_p_and_top_k(model, tokenizer) -> None:
+    """A nucleus of one token (or top_k=1) is greedy decoding, whatever the temperature."""
+    prompt = torch.tensor([tokenizer.encode("To be")] * 2)
+    greedy = torch.stack(list(decode_tokens(model, prompt, max_new_tokens=20, temperature=0.0)), 1)
+    for options in ({"top_p": 1e-6}, {"top_k": 1}):
+        drawn = decode_tokens(model, prompt, max_new_tokens=20, temperature=2.0,
+                              generator=torch.Generator().manual_seed(0), **options)
+        assert torch.equal(torch.stack(list(drawn), 1), greedy), options
+    free = decode_tokens(model, prompt, max_new_tokens=20, temperature=2.0, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(torch.stack(list(free), 1), greedy)  # the filters are what made it greedy
+
+
+def test_decode_tokens_applies_the_repetition_penalty_to_every_token_seen(model, tokenizer) -> None:
+    """Greedy decoding with a penalty equals the same loop written by hand: full recomputation,
+    the penalty on every token of the prompt and of the output so far."""
+    prompt = torch.tensor([tokenizer.encode("To be, or")])
+    penalty, steps = 1.5, 25
+    tokens = prompt
+    for _ in range(steps):
+        logits = model(tokens)[:, -1]
+        seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, tokens, True)
+        next_token = apply_repetition_penalty(logits, seen, penalty).argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, next_token], dim=1)
+    expected = tokens[0, prompt.shape[1]:].tolist()
+    for rows in (1, 2):  # the fused batch-1 step and the batched PyTorch path
+        out = decode_tokens(model, prompt.repeat(rows, 1), max_new_tokens=steps, temperature=0.0,
+                            repetition_penalty=penalty)
+        assert torch.stack(list(out), 1)[0].tolist() == expected, rows
+    plain = [int(t) for t in decode_tokens(model, prompt, max_new_tokens=steps, temperature=0.0)]
+    assert plain != expected  # the penalty changes this model's greedy output

@@ -147,11 +147,33 @@ def test_kv_cache_refuses_to_overflow() -> None:
         model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
 
 
+def test_decoding_feeds_one_token_per_step_to_the_cache() -> None:
+    """After the prompt's prefill each step runs the model on the new token alone (the KV cache
+    holds the rest), not on the whole sequence again."""
+    model = make_model()
+    fed: list[tuple[int, ...]] = []
+    handle = model.token_embedding.register_forward_hook(lambda module, args, out: fed.append(tuple(args[0].shape)))
+    try:
+        steps = list(decode_tokens(model, torch.randint(0, 97, (2, 5)), max_new_tokens=10, temperature=0.0))
+    finally:
+        handle.remove()
+    assert len(steps) == 10
+    assert fed == [(2, 5)] + [(2, 1)] * 9
+
+
 def test_decode_slides_the_window_past_block_size() -> None:
     model = make_model()
     prompt = torch.randint(0, 97, (1, 4))
     out = list(decode_tokens(model, prompt, max_new_tokens=3 * TINY.block_size, temperature=0.0))
     assert len(out) == 3 * TINY.block_size
+    # The same by recomputation: once the context is full it keeps its last three quarters.
+    context, expected = prompt, []
+    for _ in range(3 * TINY.block_size):
+        next_token = model(context)[:, -1].argmax(-1, keepdim=True)
+        expected.append(int(next_token))
+        full = context.shape[1] == TINY.block_size
+        context = torch.cat([context, next_token], dim=1)[:, -(3 * TINY.block_size) // 4 if full else 0 :]
+    assert [int(t) for t in out] == expected
 
 
 @pytest.mark.parametrize(

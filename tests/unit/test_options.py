@@ -171,6 +171,16 @@ def test_muon_takes_only_hidden_matrices() -> None:
     assert total == len(list(model.parameters()))
 
 
+def test_muon_run_decays_matrices_only() -> None:
+    """Under Muon too, weight decay is for matrices (Muon's and AdamW's); biases and norm scales get none."""
+    model = GPT(BASE)
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon", weight_decay=0.1))
+    for group in optimizer.param_groups:
+        dims = {p.dim() for p in group["params"]}
+        assert dims and group["weight_decay"] == (0.1 if dims == {2} else 0.0), (dims, group["weight_decay"])
+    assert {p.dim() for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]} == {1}
+
+
 def test_wsd_schedule_is_flat_then_decays() -> None:
     config = TrainConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10, max_steps=110, schedule="wsd", decay_fraction=0.2)
     lrs = [learning_rate(step, config) for step in range(111)]

@@ -553,3 +553,82 @@ def test_an_unwritable_tensorboard_directory_is_a_one_line_error(tmp_path: Path)
     trainer = _tiny_trainer(out, tensorboard=True, log_interval=1)
     with pytest.raises(TrainingError, match=r"cannot write TensorBoard events to .*tensorboard: .*\(at step 1; no checkpoint"):
         trainer.fit()
+
+
+class _Rows:
+    """One batch of 4 rows, served whole (micro=1) or as two micro-batches of 2 rows (micro=2)."""
+
+    def __init__(self, micro: int) -> None:
+        tokens = torch.randint(0, 30, (4, 9), generator=torch.Generator().manual_seed(1))
+        self.x, self.y = tokens[:, :-1], tokens[:, 1:]
+        self.rows, self.calls = 4 // micro, 0
+
+    def next_batch(self):
+        start = (self.calls * self.rows) % 4
+        self.calls += 1
+        return self.x[start : start + self.rows], self.y[start : start + self.rows]
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state) -> None:
+        self.calls = state["calls"]
+
+
+def test_the_trainer_averages_accumulated_micro_batches() -> None:
+    """grad_accum_steps=2 over two halves is the step of one whole batch: the same loss, the same
+    gradient norm (the trainer divides each micro-batch's loss), the same weights."""
+    from gptkit.config import ModelConfig
+
+    trainers = []
+    for micro in (1, 2):
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(vocab_size=30, block_size=8, n_layer=1, n_head=2, d_model=16))
+        config = TrainConfig(max_steps=3, warmup_steps=0, batch_size=4 // micro, grad_accum_steps=micro, grad_clip=0.0)
+        trainers.append(Trainer(model, config, train_batches=_Rows(micro)))
+    whole, accumulated = trainers
+    for _ in range(3):
+        (loss_w, norm_w), (loss_a, norm_a) = whole.train_step(), accumulated.train_step()
+        assert loss_a == pytest.approx(loss_w, rel=1e-5)
+        assert norm_a == pytest.approx(norm_w, rel=1e-4)
+    for a, w in zip(accumulated.model.parameters(), whole.model.parameters()):
+        torch.testing.assert_close(a, w, atol=1e-5, rtol=1e-5)
+
+
+def test_a_wall_clock_budget_ends_the_run() -> None:
+    summary = _tiny_trainer(max_seconds=1e-9).fit()  # max_steps is 3: the clock stops it first
+    assert summary.steps_trained == 1 and summary.steps == 1
+
+
+def test_under_a_wall_clock_budget_the_schedule_follows_the_clock() -> None:
+    trainer = _tiny_trainer(max_seconds=100.0, lr=1e-3, min_lr=0.0)
+    trainer.train_seconds = 75.0  # three quarters of the budget used, at step 0
+    trainer.train_step()
+    expected = learning_rate(0, trainer.config, progress=0.75)
+    assert trainer.current_lr == pytest.approx(expected) and expected < 0.5e-3
+
+
+def test_resume_restores_the_wall_clock_already_used(tmp_path: Path) -> None:
+    first = _tiny_trainer(tmp_path / "run", max_seconds=1000.0)
+    first.train_step()
+    first.train_seconds = 123.5
+    first.save_checkpoint()
+    second = _tiny_trainer(tmp_path / "run", max_seconds=1000.0)
+    second.resume(tmp_path / "run" / "checkpoint")
+    assert second.train_seconds == 123.5
+    # A budget the first session already used up leaves nothing to train.
+    spent = _tiny_trainer(tmp_path / "run", max_seconds=100.0)
+    spent.resume(tmp_path / "run" / "checkpoint")
+    assert spent.fit().steps_trained == 0
+
+
+def test_resume_drops_metric_records_written_after_the_checkpoint(tmp_path: Path) -> None:
+    """A run that logged steps past its last checkpoint and then died: the resumed run's log must
+    read as one run, so those records (and a line torn by the crash) go."""
+    out = tmp_path / "run"
+    _tiny_trainer(out, log_interval=1).fit()  # steps 1..3, checkpoint at 3
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": 4, "loss": 1.0}) + "\n" + '{"step": 5, "lo')
+    resumed = _tiny_trainer(out, log_interval=1)
+    resumed.resume(out / "checkpoint")
+    assert metrics_steps(out) == [1, 2, 3]
