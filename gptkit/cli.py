@@ -136,6 +136,36 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
 # ---------------------------------------------------------------------------------- train
 
 
+# glibc's mallopt parameters, and the values `gptkit train` sets (see _keep_freed_memory).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed memory at the top of the heap
+_MMAP_THRESHOLD = 32 << 20  # glibc's largest: tensors up to 32 MiB come from the heap, not mmap
+
+
+def _keep_freed_memory() -> bool:
+    """Let this training process keep the memory it frees, instead of glibc giving it back.
+
+    Every step frees and re-allocates the same activation and gradient buffers. By default glibc
+    returns freed memory at the top of the heap (and every block above its adaptive mmap threshold)
+    to the OS, and the next step faults it back in, page by page, zeroed: ~900 page faults per step
+    at the default recipe's shape, about 10% of the step on the 2-core test machine (benchmarks/README.md).
+    This is what MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ do; a user who set glibc's malloc
+    parameters in the environment keeps them. Only the CLI does this: importing gptkit changes no
+    process-wide setting. Returns whether the parameters were set (False off glibc)."""
+    if any(name.startswith("MALLOC_") for name in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)) and bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
+
+
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -148,6 +178,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     config = load_run_config(args.config, overrides)
     if args.resume:
         config = resume_run_config(config, overrides)
+    _keep_freed_memory()
     trainer = start_run(config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     bar = tqdm(
         total=config.train.max_steps,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,22 @@ def test_sigterm_raised_while_a_log_line_is_written_is_not_swallowed() -> None:
             logger.warning(SigtermWhileFormatting())
     finally:
         logger.handlers.clear()
+
+
+def test_train_keeps_freed_memory_unless_malloc_is_configured(monkeypatch) -> None:
+    """`gptkit train` raises glibc's trim and mmap thresholds (no page faults re-filling freed
+    activations every step); a user's own MALLOC_* or glibc.malloc tunables win."""
+    import platform
+
+    from gptkit.cli import _keep_freed_memory
+
+    for name in [n for n in os.environ if n.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert _keep_freed_memory() is True
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert _keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072")
+    assert _keep_freed_memory() is False
