@@ -140,6 +140,7 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed memory at the top of the heap
 _MMAP_THRESHOLD = 32 << 20  # glibc's largest: tensors up to 32 MiB come from the heap, not mmap
+_THRESHOLDS = ("trim_threshold", "mmap_threshold", "top_pad", "mmap_max")  # glibc's own knobs for this
 
 
 def _keep_freed_memory() -> bool:
@@ -147,12 +148,13 @@ def _keep_freed_memory() -> bool:
 
     Every step frees and re-allocates the same activation and gradient buffers. By default glibc
     returns freed memory at the top of the heap (and every block above its adaptive mmap threshold)
-    to the OS, and the next step faults it back in, page by page, zeroed: ~900 page faults per step
-    at the default recipe's shape, about 10% of the step on the 2-core test machine (benchmarks/README.md).
-    This is what MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ do; a user who set glibc's malloc
-    parameters in the environment keeps them. Only the CLI does this: importing gptkit changes no
+    to the OS, and the next step faults it back in, page by page, zeroed: ~1,000 page faults per
+    step at the default recipe's shape, 2-10% of the step on the 2-core test machine
+    (benchmarks/README.md). This is what MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ do; a user
+    who set these in the environment (or as glibc.malloc tunables) keeps them. Only the CLI does this: importing gptkit changes no
     process-wide setting. Returns whether the parameters were set (False off glibc)."""
-    if any(name.startswith("MALLOC_") for name in os.environ) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if any(f"MALLOC_{name.upper()}_" in os.environ or f"glibc.malloc.{name}" in tunables for name in _THRESHOLDS):
         return False
     import ctypes
     import ctypes.util
@@ -506,8 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--resume", action="store_true", help="continue exactly from train.out_dir/checkpoint")
     modes.add_argument(
         "--overwrite", action="store_true",
-        help="start over in a train.out_dir that holds a checkpoint (the earlier run's checkpoint and "
-        "metrics.jsonl wait in checkpoint.previous and metrics.previous.jsonl until the new run's first save)",
+        help="start over in a train.out_dir that holds a checkpoint (the earlier run's checkpoint, metrics.jsonl "
+        "and tensorboard wait in checkpoint.previous, metrics.previous.jsonl and tensorboard.previous until the "
+        "new run's first save)",
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)

@@ -439,20 +439,28 @@ class _RecipeLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps
     the last one silently, so a recipe with two ``train:`` sections would lose the first's settings."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        first_line: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: later keys may override it
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, str) and key in first_line:
-                raise ConfigError(
-                    f"{self.name}: the key {key!r} is given twice (lines {first_line[key]} and {line}); keep one"
-                )
-            if isinstance(key, str):
-                first_line[key] = line
-        return super().construct_mapping(node, deep=deep)
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._keys_checked: set[yaml.MappingNode] = set()  # nodes hash by identity
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Checked before PyYAML resolves the node's merges (`<<: *defaults`, which later keys may
+        # override): that writes the merged keys into node.value, in place, and a mapping that is
+        # merged into another is flattened there, possibly before it is constructed itself.
+        if node not in self._keys_checked:
+            self._keys_checked.add(node)
+            first_line: dict[str, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag != "tag:yaml.org,2002:str":  # a merge, or a key that is not text
+                    continue
+                line = key_node.start_mark.line + 1
+                if key_node.value in first_line:
+                    raise ConfigError(
+                        f"{self.name}: the key {key_node.value!r} is given twice "
+                        f"(lines {first_line[key_node.value]} and {line}); keep one"
+                    )
+                first_line[key_node.value] = line
+        super().flatten_mapping(node)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -262,9 +262,17 @@ def check_run_directory(out_dir: str | Path, *, resume: bool, overwrite: bool) -
         # next save of any run in this directory would delete it (Trainer._drop_previous_run).
         step = recorded_step(previous)
         at = f" (step {step})" if step is not None else ""
+        # Its logs wait beside it and go at the next save (they look like an --overwrite's leftovers):
+        # renamed back with it, a resume continues them instead of the stopped run's.
+        logs = [
+            f"{aside} to {name}"
+            for name, aside in ((METRICS_FILE, PREVIOUS_METRICS), (TENSORBOARD_DIR, PREVIOUS_TENSORBOARD))
+            if (out / aside).exists()
+        ]
+        with_logs = f" (and {', '.join(logs)}, in place of the stopped run's)" if logs else ""
         raise (CheckpointError if resume else ConfigError)(
             f"train.out_dir {out} holds an earlier run's checkpoint{at} in {previous}, set aside by an "
-            f"--overwrite run that stopped before its first save; rename it back to {checkpoint} "
+            f"--overwrite run that stopped before its first save; rename it back to {checkpoint}{with_logs} "
             f"{'to resume it' if resume else 'and pass --resume to continue it'}, or pass --overwrite to start over"
         )
     if resume:

@@ -198,8 +198,10 @@ def _prepare_on_rank_0(config: RunConfig, *, rank: int, progress: bool) -> dict:
         if not is_main:
             try:
                 meta = load_meta(Path(config.data.dir))
-                # A file just made on a network filesystem can take a moment to show on another node.
-                deadline = time.monotonic() + 5.0
+                # A file just made on a network filesystem can take a while to show on another node
+                # (NFS caches a directory's entries for up to a minute by default): wait that long,
+                # within the collective timeout the others wait in meanwhile.
+                deadline = time.monotonic() + min(60.0, config.train.dist_timeout_s / 2)
                 while not (out_dir / marker[0]).exists() and time.monotonic() < deadline:
                     time.sleep(0.2)
                 if not (out_dir / marker[0]).exists():

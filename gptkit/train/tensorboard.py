@@ -15,6 +15,11 @@ its checkpoint instead).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,7 @@ TAGS = {
 
 
 def check_available() -> None:
-    """ConfigError when torch's TensorBoard writer cannot run here (it needs the tensorboard package)."""
+    """ConfigError when the tensorboard package, whose event format TensorBoardLog writes, is not installed."""
     try:
         import tensorboard  # noqa: F401
     except ImportError:
@@ -40,27 +45,62 @@ def check_available() -> None:
         ) from None
 
 
+# Tells apart the event files one process opens within a second (TensorBoard reads them in name order).
+_file_numbers = itertools.count()
+
+
 class TensorBoardLog:
     """Writes metric records (the dicts of metrics.jsonl) as scalars; flushed after each record,
-    so that what a crash interrupts is on disk as far as metrics.jsonl is."""
+    so that what a crash interrupts is on disk as far as metrics.jsonl is.
+
+    The events are written here, in the calling thread, with tensorboard's record format, rather
+    than by torch's SummaryWriter: its background thread prints a traceback of its own when a write
+    fails (a full disk), and its close raises that error again, in place of the trainer's one-line
+    error."""
 
     def __init__(self, directory: Path, *, resumed_at: int | None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.summary.writer.record_writer import RecordWriter
 
         self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
         if resumed_at is None:
             # An earlier run's curves (one that saved no checkpoint) would otherwise overlap ours.
             for stale in directory.glob("events.out.tfevents.*"):
                 stale.unlink()
-        # purge_step: TensorBoard hides the events of steps >= it written before this session.
-        self._writer = SummaryWriter(str(directory), purge_step=None if resumed_at is None else resumed_at + 1)
+        # The name torch's SummaryWriter gives its files.
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_file_numbers)}"
+        self._file = open(directory / name, "wb")  # noqa: SIM115 (closed by close())
+        self._records = RecordWriter(self._file)
+        try:
+            self._event(Event(file_version="brain.Event:2"))
+            if resumed_at is not None:
+                # TensorBoard's purge step: it hides the events of steps after resumed_at that
+                # earlier files hold, what the interrupted session logged after its checkpoint.
+                self._event(Event(step=resumed_at + 1, session_log=SessionLog(status=SessionLog.START)))
+            self._file.flush()
+        except BaseException:
+            self.close()
+            raise
+
+    def _event(self, event: Any) -> None:
+        event.wall_time = time.time()
+        self._records.write(event.SerializeToString())
 
     def write(self, record: dict[str, Any]) -> None:
-        step = int(record["step"])
-        for key, tag in TAGS.items():
-            if record.get(key) is not None:
-                self._writer.add_scalar(tag, float(record[key]), step)
-        self._writer.flush()
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        values = [
+            Summary.Value(tag=tag, simple_value=float(record[key]))
+            for key, tag in TAGS.items()
+            if record.get(key) is not None
+        ]
+        self._event(Event(step=int(record["step"]), summary=Summary(value=values)))
+        self._file.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        """Never raises: every record was flushed when written, and an error here would replace
+        the one the run is ending with."""
+        with contextlib.suppress(OSError):
+            self._file.close()

@@ -148,8 +148,10 @@ class Trainer:
         # Sharded gradients: fp16 overflow checks must agree over all ranks (see PrecisionPolicy).
         self.precision = PrecisionPolicy(config.precision, self.device, sharded=config.strategy in SHARDED_STRATEGIES)
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
-        if config.tensorboard and self.out_dir is not None and self.is_main:
-            tensorboard.check_available()  # now, not at the first log line after minutes of work
+        if config.tensorboard and self.out_dir is not None:
+            # Now, not at the first log line after minutes of work; on every rank, though only rank 0
+            # writes events: a rank that raised alone would leave the others waiting in a collective.
+            tensorboard.check_available()
         self._tensorboard: tensorboard.TensorBoardLog | None = None  # opened at the first record
         self._resumed_at: int | None = None  # the step this session resumed from
         self.run_lock: Any = None  # the run directory's lock, set by start_run; fit releases it

@@ -246,6 +246,28 @@ def test_a_data_error_on_rank_0_stops_every_rank_with_one_line(workdir: Path) ->
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_train_tensorboard_without_the_package_stops_every_rank_with_one_line(workdir: Path) -> None:
+    """Only rank 0 writes TensorBoard events, but every rank must refuse the run: a rank 0 that
+    stopped alone left rank 1 to die with a traceback in its first collective."""
+    blocked = workdir / "blocked" / "tensorboard"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = clean_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(workdir / "blocked"), env["PYTHONPATH"]])
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "gptkit.cli", "train", "recipe.yaml", "--quiet", "--train.strategy=ddp", "--train.tensorboard=true",
+        "--train.dist_timeout_s=60", "--train.out_dir=run",
+    ]
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("train.tensorboard needs the tensorboard package" in line for line in errors), result.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_an_out_dir_the_ranks_do_not_share_is_a_config_error(workdir: Path, tmp_path_factory) -> None:
     """Two "nodes" (working directories) each with its own copy of the data and a relative
     train.out_dir: each rank's checkpoint shards would land in its own directory, and the run used
@@ -261,7 +283,7 @@ def test_an_out_dir_the_ranks_do_not_share_is_a_config_error(workdir: Path, tmp_
                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "gptkit.cli", "train", "recipe.yaml", "--quiet", "--train.strategy=fsdp",
-             "--train.batch_size=4", "--train.max_steps=4", "--train.dist_timeout_s=60", "--train.out_dir=run"],
+             "--train.batch_size=4", "--train.max_steps=4", "--train.dist_timeout_s=10", "--train.out_dir=run"],
             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
     try:

@@ -239,3 +239,7 @@ def test_train_keeps_freed_memory_unless_malloc_is_configured(monkeypatch) -> No
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072")
     assert _keep_freed_memory() is False
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # another of glibc's knobs: ours still apply
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert _keep_freed_memory() is True

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gptkit.config import load_run_config, parse_override, to_dict
+from gptkit.config import load_run_config, load_yaml, parse_override, to_dict
 from gptkit.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,6 +87,25 @@ def test_a_key_given_twice_in_a_recipe_is_an_error(tmp_path: Path) -> None:
     merged.write_text("train:\n  <<: {lr: 0.01, max_steps: 7}\n  lr: 0.02\n")
     config = load_run_config(merged)
     assert (config.train.lr, config.train.max_steps) == (0.02, 7)
+
+
+def test_a_merged_mapping_that_overrides_its_own_merge_is_no_duplicate(tmp_path: Path) -> None:
+    # `fast` overrides the lr it merges from `base`, and is merged into `train` before it is
+    # constructed itself (it stands deeper in the file): still one lr per mapping as written. The
+    # recipe's real mistake, the section it does not know, is what is reported.
+    chained = tmp_path / "chained.yaml"
+    chained.write_text(
+        "defaults:\n  base: &base {lr: 0.01, max_steps: 7}\n  fast: &fast\n    <<: *base\n    lr: 0.02\n"
+        "train:\n  <<: *fast\n"
+    )
+    assert load_yaml(chained)["train"] == {"lr": 0.02, "max_steps": 7}
+    with pytest.raises(ConfigError, match="unknown section 'defaults'"):
+        load_run_config(chained)
+    # A key twice in a mapping that is only merged is still found.
+    inline = tmp_path / "inline.yaml"
+    inline.write_text("train:\n  <<: {lr: 0.01, lr: 0.02}\n")
+    with pytest.raises(ConfigError, match=r"the key 'lr' is given twice \(lines 2 and 2\)"):
+        load_run_config(inline)
 
 
 def test_override_values_are_yaml() -> None:

@@ -538,6 +538,28 @@ def test_tensorboard_of_a_new_run_replaces_the_earlier_runs(corpus: Path, tmp_pa
     assert [value for _, value in lrs] == pytest.approx([r["lr"] for r in metrics_records(out)], rel=1e-6)
 
 
+def test_a_set_aside_run_is_to_be_renamed_back_with_its_logs(tmp_path: Path) -> None:
+    """An --overwrite run stopped before its first save: the message that says how to resume the
+    earlier run names its logs too. Renaming back the checkpoint alone, the resume continues the
+    stopped run's metrics.jsonl and TensorBoard events, and its first save deletes the earlier run's."""
+    from gptkit.train.checkpointing import check_run_directory
+
+    out = tmp_path / "run"
+    (out / "checkpoint.previous").mkdir(parents=True)
+    (out / "tensorboard.previous").mkdir()
+    (out / "metrics.previous.jsonl").write_text("")
+    with pytest.raises(
+        CheckpointError,
+        match=r"rename it back to .*checkpoint \(and metrics.previous.jsonl to metrics.jsonl, "
+        r"tensorboard.previous to tensorboard, in place of the stopped run's\) to resume it",
+    ):
+        check_run_directory(out, resume=True, overwrite=False)
+    (out / "tensorboard.previous").rmdir()
+    (out / "metrics.previous.jsonl").unlink()
+    with pytest.raises(CheckpointError, match=r"rename it back to \S*checkpoint to resume it"):
+        check_run_directory(out, resume=True, overwrite=False)
+
+
 def test_tensorboard_without_the_package_fails_before_training(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # makes `import tensorboard` fail
     with pytest.raises(ConfigError, match="train.tensorboard needs the tensorboard package"):
@@ -552,6 +574,28 @@ def test_an_unwritable_tensorboard_directory_is_a_one_line_error(tmp_path: Path)
     (out / "tensorboard").write_text("not a directory")
     trainer = _tiny_trainer(out, tensorboard=True, log_interval=1)
     with pytest.raises(TrainingError, match=r"cannot write TensorBoard events to .*tensorboard: .*\(at step 1; no checkpoint"):
+        trainer.fit()
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # a writer thread's traceback
+def test_a_tensorboard_write_that_fails_midway_is_a_one_line_error(tmp_path: Path, monkeypatch) -> None:
+    """A disk that fills up after the event file was opened: the trainer's one line, not the
+    OSError of a writer closed on the way out, nor a traceback from a background thread."""
+    import errno
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    original, written = RecordWriter.write, []
+
+    def fill_up(self, data: bytes) -> None:
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(data)
+        original(self, data)
+
+    monkeypatch.setattr(RecordWriter, "write", fill_up)
+    trainer = _tiny_trainer(tmp_path / "run", tensorboard=True, log_interval=1)
+    with pytest.raises(TrainingError, match=r"cannot write TensorBoard events to .*: No space left on device \(at step"):
         trainer.fit()
 
 
