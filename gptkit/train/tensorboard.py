@@ -58,13 +58,16 @@ class TensorBoardLog:
     fails (a full disk), and its close raises that error again, in place of the trainer's one-line
     error."""
 
-    def __init__(self, directory: Path, *, resumed_at: int | None) -> None:
+    def __init__(self, directory: Path, *, new_run: bool, resumed_at: int | None) -> None:
+        """``new_run``: the run's first record (not resumed, nothing logged yet): event files already
+        in ``directory`` are an earlier run's. ``resumed_at``: the checkpoint step this session
+        resumed from, whose later events the interrupted session wrote."""
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
         from tensorboard.summary.writer.record_writer import RecordWriter
 
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        if resumed_at is None:
+        if new_run:
             # An earlier run's curves (one that saved no checkpoint) would otherwise overlap ours.
             for stale in directory.glob("events.out.tfevents.*"):
                 stale.unlink()

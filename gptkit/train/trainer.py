@@ -452,7 +452,11 @@ class Trainer:
         directory = self.out_dir / TENSORBOARD_DIR
         try:
             if self._tensorboard is None:
-                self._tensorboard = tensorboard.TensorBoardLog(directory, resumed_at=self._resumed_at)
+                # Opened again by a later fit() of this trainer: that continues the same run.
+                self._tensorboard = tensorboard.TensorBoardLog(
+                    directory, new_run=not self._metrics_continue, resumed_at=self._resumed_at
+                )
+                self._resumed_at = None  # purged once: a later fit() must not hide this session's events
             self._tensorboard.write(record)
         except OSError as exc:
             raise TrainingError(

@@ -560,6 +560,19 @@ def test_a_set_aside_run_is_to_be_renamed_back_with_its_logs(tmp_path: Path) -> 
         check_run_directory(out, resume=True, overwrite=False)
 
 
+def test_tensorboard_of_a_trainer_fitted_twice_reads_as_one_run(tmp_path: Path) -> None:
+    """fit() called again (max_steps raised in between) continues metrics.jsonl; the TensorBoard
+    events must continue too, neither replaced nor purged."""
+    import dataclasses
+
+    trainer = _tiny_trainer(tmp_path / "run", tensorboard=True, log_interval=1)
+    trainer.fit()
+    trainer.config = dataclasses.replace(trainer.config, max_steps=5)
+    trainer.fit()
+    assert metrics_steps(tmp_path / "run") == [1, 2, 3, 4, 5]
+    assert [step for step, _ in tensorboard_scalars(tmp_path / "run")["train/loss"]] == [1, 2, 3, 4, 5]
+
+
 def test_tensorboard_without_the_package_fails_before_training(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # makes `import tensorboard` fail
     with pytest.raises(ConfigError, match="train.tensorboard needs the tensorboard package"):
