@@ -117,23 +117,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def mean_over_ranks(value: float) -> float:
-    """The mean of a Python float over all ranks (identity without a process group)."""
+def _reduce_over_ranks(value: float, op: dist.ReduceOp) -> float:
+    """``op`` of a Python float over all ranks (identity without a process group)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
     tensor = torch.tensor([value], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         tensor = tensor.cuda()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return float(tensor.item()) / dist.get_world_size()
+    dist.all_reduce(tensor, op=op)
+    return float(tensor.item())
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of a Python float over all ranks (identity without a process group)."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    return _reduce_over_ranks(value, dist.ReduceOp.SUM) / world_size
 
 
 def max_over_ranks(value: float) -> float:
     """The largest of a Python float over all ranks (identity without a process group)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
+    return _reduce_over_ranks(value, dist.ReduceOp.MAX)
