@@ -119,6 +119,8 @@ def build_trainer(config: RunConfig, *, progress: bool = False) -> Trainer:
     dims = ParallelDims.from_config(train_config, world.world_size)
     dims.validate_model(config.model)
     dp_rank = dims.dp_rank(world.rank)
+    if world.world_size > 1:
+        _check_ranks_agree(config)
     if world.world_size == 1:
         meta = ensure_prepared(config, progress=progress)
     else:
@@ -169,6 +171,37 @@ def _raise_together(error: GptkitError | None) -> None:
     first = next((found for found in errors if found is not None), None)
     if first is not None:
         raise first from None
+
+
+# Fields that may differ between ranks: paths that can name each node's own copy of the corpus
+# and of the prepared data (docs/multi-node.md).
+_MAY_DIFFER_BY_RANK = {("data", "source"), ("data", "dir")}
+
+
+def _check_ranks_agree(config: RunConfig) -> None:
+    """A collective: every rank must run the same recipe. Ranks launched with different overrides
+    (another train.lr on one node, say) would otherwise train replicas that drift apart without an
+    error, or stop at different steps and abort in a collective. Every rank raises the same
+    ConfigError, naming the first field that differs."""
+    mine = {
+        f"{section}.{key}": value
+        for section, values in to_dict(config).items()
+        for key, value in values.items()
+        if (section, key) not in _MAY_DIFFER_BY_RANK
+    }
+    recipes: list[dict | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(recipes, mine)
+    reference = recipes[0]
+    assert reference is not None
+    for rank, theirs in enumerate(recipes[1:], start=1):
+        assert theirs is not None
+        differing = [name for name in reference if reference[name] != theirs.get(name)]
+        if differing:
+            name = differing[0]
+            raise ConfigError(
+                f"rank {rank} was launched with another recipe than rank 0: {name} is {theirs.get(name)!r} there, "
+                f"{reference[name]!r} on rank 0; launch every rank with the same recipe and overrides"
+            )
 
 
 def _prepare_on_rank_0(config: RunConfig, *, rank: int, progress: bool) -> dict:

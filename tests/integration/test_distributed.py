@@ -297,3 +297,36 @@ def test_an_out_dir_the_ranks_do_not_share_is_a_config_error(workdir: Path, tmp_
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "train.out_dir run is not shared: rank 1 does not see" in errors[0], stderr
     assert not (workdir / "run").exists() and not (other / "run").exists()  # nothing half-written
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ranks_launched_with_different_overrides_stop_with_one_line(workdir: Path) -> None:
+    """Two "nodes" launched by hand, one with another learning rate: DDP would train replicas that
+    drift apart without a word. Every rank names the field instead; node-local data paths may differ."""
+    cli_train(workdir, "--train.max_steps=1", "--train.out_dir=warmup")  # prepare the data up front
+    shutil.copytree(workdir / "prepared", workdir / "prepared-node1")
+    port = str(free_port())
+    procs = []
+    for rank, extra in ((0, []), (1, ["--train.lr=0.01", "--data.dir=prepared-node1"])):
+        env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "gptkit.cli", "train", "recipe.yaml", "--quiet", "--train.strategy=ddp",
+             "--train.batch_size=4", "--train.max_steps=4", "--train.dist_timeout_s=60", "--train.out_dir=run", *extra],
+            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    try:
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, stderr) in zip(procs, outputs):
+        assert p.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert errors == [
+            "error: rank 1 was launched with another recipe than rank 0: train.lr is 0.01 there, 0.003 on rank 0; "
+            "launch every rank with the same recipe and overrides"
+        ], stderr
+    assert not (workdir / "run" / "checkpoint").exists()
