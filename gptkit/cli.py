@@ -362,10 +362,10 @@ def _hf_tokenizer_files(tokenizer: Any, path: Path, model: Any) -> dict[str, str
 
 
 def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
-    from gptkit.api import load, load_tokenizer, resolve_checkpoint_dir
-    from gptkit.checkpoint import TOKENIZER_FILE, write_model_files
     from safetensors import SafetensorError
 
+    from gptkit.api import load, load_tokenizer, resolve_checkpoint_dir
+    from gptkit.checkpoint import TOKENIZER_FILE, write_model_files
     from gptkit.errors import TokenizerError, reason
     from gptkit.fileio import atomic_directory
     from gptkit.model.hf import is_hf_directory, save_hf

@@ -276,6 +276,14 @@ def _model_config(model_type: str, hf_config: Any) -> ModelConfig:
     return _gpt2_model_config(hf_config) if model_type == "gpt2" else _llama_model_config(hf_config)
 
 
+def _hf_model_config(family: str, **fields: Any) -> ModelConfig:
+    """ModelConfig(**fields), whose refusal says that the values come from a Hugging Face config."""
+    try:
+        return ModelConfig(**fields)
+    except ConfigError as exc:
+        raise _unsupported(family, str(exc)) from None
+
+
 def _gpt2_model_config(hf_config: Any) -> ModelConfig:
     act = _get(hf_config, "activation_function", "gelu_new")
     if act not in _TANH_GELUS:
@@ -287,27 +295,25 @@ def _gpt2_model_config(hf_config: Any) -> ModelConfig:
     if _get(hf_config, "scale_attn_by_inverse_layer_idx", False):
         raise _unsupported("gpt2", "scale_attn_by_inverse_layer_idx=true is not supported")
     n_inner = _get(hf_config, "n_inner")
-    try:
-        return ModelConfig(
-            vocab_size=hf_config.vocab_size,
-            block_size=hf_config.n_positions,
-            n_layer=hf_config.n_layer,
-            n_head=hf_config.n_head,
-            n_kv_head=None,
-            d_model=hf_config.n_embd,
-            d_ff=n_inner if n_inner else None,
-            dropout=float(_get(hf_config, "resid_pdrop", 0.0) or 0.0),
-            bias=True,
-            tie_embeddings=bool(_get(hf_config, "tie_word_embeddings", True)),
-            position="learned",
-            norm="layernorm",
-            norm_eps=float(hf_config.layer_norm_epsilon),
-            mlp="gelu",
-            qk_norm=False,
-            init_std=float(_get(hf_config, "initializer_range", 0.02)),
-        )
-    except ConfigError as exc:  # as for Llama: say that the values come from a Hugging Face config
-        raise _unsupported("gpt2", str(exc)) from None
+    return _hf_model_config(
+        "gpt2",
+        vocab_size=hf_config.vocab_size,
+        block_size=hf_config.n_positions,
+        n_layer=hf_config.n_layer,
+        n_head=hf_config.n_head,
+        n_kv_head=None,
+        d_model=hf_config.n_embd,
+        d_ff=n_inner if n_inner else None,
+        dropout=float(_get(hf_config, "resid_pdrop", 0.0) or 0.0),
+        bias=True,
+        tie_embeddings=bool(_get(hf_config, "tie_word_embeddings", True)),
+        position="learned",
+        norm="layernorm",
+        norm_eps=float(hf_config.layer_norm_epsilon),
+        mlp="gelu",
+        qk_norm=False,
+        init_std=float(_get(hf_config, "initializer_range", 0.02)),
+    )
 
 
 def _llama_rope_theta(hf_config: Any) -> float:
@@ -346,28 +352,26 @@ def _llama_model_config(hf_config: Any) -> ModelConfig:
     default_hidden = ModelConfig(
         d_model=hf_config.hidden_size, n_head=hf_config.num_attention_heads, mlp="swiglu"
     ).mlp_hidden
-    try:
-        return ModelConfig(
-            vocab_size=hf_config.vocab_size,
-            block_size=hf_config.max_position_embeddings,
-            n_layer=hf_config.num_hidden_layers,
-            n_head=hf_config.num_attention_heads,
-            n_kv_head=None if n_kv == hf_config.num_attention_heads else n_kv,
-            d_model=hf_config.hidden_size,
-            d_ff=None if hf_config.intermediate_size == default_hidden else hf_config.intermediate_size,
-            dropout=float(_get(hf_config, "attention_dropout", 0.0) or 0.0),
-            bias=False,
-            tie_embeddings=bool(_get(hf_config, "tie_word_embeddings", False)),
-            position="rope",
-            rope_base=rope_base,
-            norm="rmsnorm",
-            norm_eps=float(hf_config.rms_norm_eps),
-            mlp="swiglu",
-            qk_norm=False,
-            init_std=float(_get(hf_config, "initializer_range", 0.02)),
-        )
-    except ConfigError as exc:
-        raise _unsupported("llama", str(exc)) from None
+    return _hf_model_config(
+        "llama",
+        vocab_size=hf_config.vocab_size,
+        block_size=hf_config.max_position_embeddings,
+        n_layer=hf_config.num_hidden_layers,
+        n_head=hf_config.num_attention_heads,
+        n_kv_head=None if n_kv == hf_config.num_attention_heads else n_kv,
+        d_model=hf_config.hidden_size,
+        d_ff=None if hf_config.intermediate_size == default_hidden else hf_config.intermediate_size,
+        dropout=float(_get(hf_config, "attention_dropout", 0.0) or 0.0),
+        bias=False,
+        tie_embeddings=bool(_get(hf_config, "tie_word_embeddings", False)),
+        position="rope",
+        rope_base=rope_base,
+        norm="rmsnorm",
+        norm_eps=float(hf_config.rms_norm_eps),
+        mlp="swiglu",
+        qk_norm=False,
+        init_std=float(_get(hf_config, "initializer_range", 0.02)),
+    )
 
 
 def _gptkit_state_from_gpt2(config: ModelConfig, s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

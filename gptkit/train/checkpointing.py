@@ -72,6 +72,11 @@ PREVIOUS_CHECKPOINT = "checkpoint.previous"
 PREVIOUS_METRICS = "metrics.previous.jsonl"
 TENSORBOARD_DIR = "tensorboard"  # event files, with train.tensorboard
 PREVIOUS_TENSORBOARD = "tensorboard.previous"
+# What --overwrite moves aside (name, aside name) until the new run's first save deletes it: the
+# checkpoint first, then the run's logs.
+SET_ASIDE = (
+    (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT), (METRICS_FILE, PREVIOUS_METRICS), (TENSORBOARD_DIR, PREVIOUS_TENSORBOARD)
+)
 # Why a resume finds no optimizer / trainer state, most often.
 WEIGHTS_ONLY_HINT = (
     "a weights-only checkpoint, such as `gptkit convert` writes, holds no optimizer state or data position to "
@@ -266,7 +271,7 @@ def check_run_directory(out_dir: str | Path, *, resume: bool, overwrite: bool) -
         # renamed back with it, a resume continues them instead of the stopped run's.
         logs = [
             f"{aside} to {name}"
-            for name, aside in ((METRICS_FILE, PREVIOUS_METRICS), (TENSORBOARD_DIR, PREVIOUS_TENSORBOARD))
+            for name, aside in SET_ASIDE[1:]
             if (out / aside).exists()
         ]
         with_logs = f" (and {', '.join(logs)}, in place of the stopped run's)" if logs else ""

@@ -24,14 +24,7 @@ from gptkit.distributed.mesh import ParallelDims
 from gptkit.distributed.setup import barrier, init_distributed
 from gptkit.errors import CheckpointError, ConfigError, GptkitError, reason
 from gptkit.model.gpt import GPT
-from gptkit.train.checkpointing import (
-    CHECKPOINT_DIR,
-    METRICS_FILE,
-    PREVIOUS_CHECKPOINT,
-    PREVIOUS_METRICS,
-    PREVIOUS_TENSORBOARD,
-    TENSORBOARD_DIR,
-)
+from gptkit.train.checkpointing import CHECKPOINT_DIR, PREVIOUS_CHECKPOINT, SET_ASIDE
 from gptkit.train.trainer import StepMetrics, Trainer, TrainSummary
 
 logger = logging.getLogger(__name__)
@@ -391,9 +384,7 @@ def _start_over(out_dir: Path, step: int, *, is_main: bool) -> None:
             "train.out_dir %s: the earlier run (step %d) is moved to %s until this run saves its first checkpoint",
             out_dir, step, PREVIOUS_CHECKPOINT,
         )
-        for name, aside in (
-            (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT), (METRICS_FILE, PREVIOUS_METRICS), (TENSORBOARD_DIR, PREVIOUS_TENSORBOARD)
-        ):
+        for name, aside in SET_ASIDE:
             if (out_dir / aside).is_dir():
                 shutil.rmtree(out_dir / aside)
             if (out_dir / name).exists():

@@ -36,8 +36,7 @@ from gptkit.train.checkpointing import (
     CHECKPOINT_DIR,
     METRICS_FILE,
     PREVIOUS_CHECKPOINT,
-    PREVIOUS_METRICS,
-    PREVIOUS_TENSORBOARD,
+    SET_ASIDE,
     TENSORBOARD_DIR,
     _decode_rng,
     _encode_rng,
@@ -392,14 +391,14 @@ class Trainer:
         """An earlier run that ``--overwrite`` moved aside goes once this run has a checkpoint."""
         if not self.is_main or self.out_dir is None:
             return
-        previous = self.out_dir / PREVIOUS_CHECKPOINT
-        if previous.is_dir():
-            shutil.rmtree(previous)
-            logger.info("removed the earlier run's %s", previous)
-        (self.out_dir / PREVIOUS_METRICS).unlink(missing_ok=True)
-        previous_tensorboard = self.out_dir / PREVIOUS_TENSORBOARD
-        if previous_tensorboard.is_dir():
-            shutil.rmtree(previous_tensorboard)
+        for _, aside in SET_ASIDE:
+            previous = self.out_dir / aside
+            if previous.is_dir():
+                shutil.rmtree(previous)
+                if aside == PREVIOUS_CHECKPOINT:
+                    logger.info("removed the earlier run's %s", previous)
+            else:
+                previous.unlink(missing_ok=True)
 
     def _out_of_time(self) -> bool:
         return self.config.max_seconds is not None and self.train_seconds >= self.config.max_seconds

@@ -25,6 +25,23 @@ def gptkit(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPro
     return result
 
 
+def finished_tiny_run(root: Path, *, max_steps: int, train_extra: str = "") -> Path:
+    """``root`` with a corpus, a recipe of absolute paths for a 1-layer model, and that recipe's run
+    finished in ``root / "run"`` (trained in this process: quicker than the CLI). Returns ``root``."""
+    from gptkit.config import load_run_config
+    from gptkit.train import run_training
+
+    (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    (root / "recipe.yaml").write_text(
+        "model: {n_layer: 1, n_head: 2, d_model: 16, block_size: 16}\n"
+        f"data: {{source: {root / 'corpus.txt'}, dir: {root / 'prepared'}}}\n"
+        f"train: {{out_dir: {root / 'run'}, max_steps: {max_steps}, batch_size: 4, eval_batches: 1, warmup_steps: 1"
+        f"{train_extra}}}\n"
+    )
+    run_training(load_run_config(root / "recipe.yaml", []))
+    return root
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     """Exit status 1 and the error as the last line of stderr, whole on that line (log lines of
     work done before the mistake was found may come first)."""

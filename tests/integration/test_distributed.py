@@ -97,6 +97,30 @@ def cli_train(workdir: Path, *args: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def launch_ranks_by_hand(ranks: list[tuple[Path, list[str]]]) -> list[subprocess.Popen]:
+    """One process per (working directory, arguments after the interpreter), each with torchrun's
+    environment for its rank, but without torchrun: its agent would stop the other ranks as soon as
+    one fails, and these tests look at what each rank does by itself."""
+    port = str(free_port())
+    procs = []
+    for rank, (cwd, arguments) in enumerate(ranks):
+        env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(ranks)),
+                        LOCAL_WORLD_SIZE=str(len(ranks)), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, *arguments], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def stderr_of_ranks(procs: list[subprocess.Popen], timeout: float = 120) -> list[str]:
+    """Each rank's stderr once all have ended (any still running after ``timeout`` is killed)."""
+    try:
+        return [p.communicate(timeout=timeout)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ddp_on_two_processes_matches_one_process_with_the_combined_batch(workdir: Path) -> None:
@@ -158,18 +182,10 @@ def test_a_dead_rank_makes_the_other_fail_within_the_timeout(workdir: Path) -> N
     """Launched by hand (not torchrun, whose agent would kill the survivor for us): rank 0 must
     notice on its own, through the collective failing or the process-group timeout."""
     (workdir / "crash.py").write_text(CRASH_ON_RANK_1)
-    port = str(free_port())
     cli_train(workdir, "--train.max_steps=1", "--train.out_dir=warmup")  # prepare the data up front
-    procs = []
-    for rank in (0, 1):
-        env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen(
-            [sys.executable, "crash.py", "train", "recipe.yaml", "--quiet", "--train.strategy=ddp",
-             "--train.batch_size=4", "--train.max_steps=1000", "--train.dist_timeout_s=15",
-             "--train.out_dir=crash"],
-            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
+    arguments = ["crash.py", "train", "recipe.yaml", "--quiet", "--train.strategy=ddp", "--train.batch_size=4",
+                 "--train.max_steps=1000", "--train.dist_timeout_s=15", "--train.out_dir=crash"]
+    procs = launch_ranks_by_hand([(workdir, arguments), (workdir, arguments)])
     try:
         survivor_rc = procs[0].wait(timeout=120)
     finally:
@@ -276,23 +292,10 @@ def test_an_out_dir_the_ranks_do_not_share_is_a_config_error(workdir: Path, tmp_
     other = tmp_path_factory.mktemp("node1")
     shutil.copytree(workdir / "prepared", other / "prepared")
     shutil.copy(workdir / "recipe.yaml", other / "recipe.yaml")
-    port = str(free_port())
-    procs = []
-    for rank, cwd in ((0, workdir), (1, other)):
-        env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "gptkit.cli", "train", "recipe.yaml", "--quiet", "--train.strategy=fsdp",
-             "--train.batch_size=4", "--train.max_steps=4", "--train.dist_timeout_s=10", "--train.out_dir=run"],
-            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
-    try:
-        outputs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, stderr) in zip(procs, outputs):
+    arguments = ["-m", "gptkit.cli", "train", "recipe.yaml", "--quiet", "--train.strategy=fsdp", "--train.batch_size=4",
+                 "--train.max_steps=4", "--train.dist_timeout_s=10", "--train.out_dir=run"]
+    procs = launch_ranks_by_hand([(workdir, arguments), (other, arguments)])
+    for p, stderr in zip(procs, stderr_of_ranks(procs)):
         assert p.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "train.out_dir run is not shared: rank 1 does not see" in errors[0], stderr
@@ -306,23 +309,12 @@ def test_ranks_launched_with_different_overrides_stop_with_one_line(workdir: Pat
     drift apart without a word. Every rank names the field instead; node-local data paths may differ."""
     cli_train(workdir, "--train.max_steps=1", "--train.out_dir=warmup")  # prepare the data up front
     shutil.copytree(workdir / "prepared", workdir / "prepared-node1")
-    port = str(free_port())
-    procs = []
-    for rank, extra in ((0, []), (1, ["--train.lr=0.01", "--data.dir=prepared-node1"])):
-        env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "gptkit.cli", "train", "recipe.yaml", "--quiet", "--train.strategy=ddp",
-             "--train.batch_size=4", "--train.max_steps=4", "--train.dist_timeout_s=60", "--train.out_dir=run", *extra],
-            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
-    try:
-        outputs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, stderr) in zip(procs, outputs):
+    arguments = ["-m", "gptkit.cli", "train", "recipe.yaml", "--quiet", "--train.strategy=ddp", "--train.batch_size=4",
+                 "--train.max_steps=4", "--train.dist_timeout_s=60", "--train.out_dir=run"]
+    procs = launch_ranks_by_hand(
+        [(workdir, arguments), (workdir, [*arguments, "--train.lr=0.01", "--data.dir=prepared-node1"])]
+    )
+    for p, stderr in zip(procs, stderr_of_ranks(procs)):
         assert p.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
         assert errors == [

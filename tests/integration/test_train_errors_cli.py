@@ -8,23 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from gptkit.config import load_run_config
-from gptkit.train import run_training
-from tests.integration.test_cli import TEXT, assert_one_line_error, gptkit
+from tests.integration.test_cli import assert_one_line_error, finished_tiny_run, gptkit
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A recipe and a finished 3-step run in ``run`` (trained in this process: quicker than the CLI)."""
-    root = tmp_path_factory.mktemp("train-errors")
-    (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
-    (root / "recipe.yaml").write_text(
-        "model: {n_layer: 1, n_head: 2, d_model: 16, block_size: 16}\n"
-        f"data: {{source: {root / 'corpus.txt'}, dir: {root / 'prepared'}}}\n"
-        f"train: {{out_dir: {root / 'run'}, max_steps: 3, batch_size: 4, eval_batches: 1, warmup_steps: 1}}\n"
-    )
-    run_training(load_run_config(root / "recipe.yaml", []))
-    return root
+    return finished_tiny_run(tmp_path_factory.mktemp("train-errors"), max_steps=3)
 
 
 @pytest.mark.parametrize(
