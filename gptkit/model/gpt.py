@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from gptkit.config import ModelConfig
+from gptkit.model import fused_blocks
 from gptkit.model.kv_cache import KVCache
 from gptkit.model.layers import AttentionContext, Block, RotaryEmbedding, make_norm
 
@@ -117,8 +118,13 @@ class GPT(nn.Module):
 
         rope = self.rotary.tables(positions, T) if self.rotary is not None else None
         ctx = AttentionContext(rope=rope, mask=mask, is_causal=is_causal, cache=kv_cache)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, layer, ctx)
+        if fused_blocks.applies(self.blocks, x, ctx):
+            # CPU float32 training of GPT-2 blocks: all blocks as one node with fused kernels (the
+            # same numbers, faster steps); see gptkit/model/fused_blocks.py.
+            x = fused_blocks.run(self.blocks, x)
+        else:
+            for layer, block in enumerate(self.blocks):
+                x = block(x, layer, ctx)
         if kv_cache is not None:
             kv_cache.end_step()
 

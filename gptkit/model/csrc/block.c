@@ -1,0 +1,221 @@
+/* The row-wise steps of a GPT-2 block's forward and backward for CPU training, each fused into one
+ * pass over the activations (see gptkit/model/fused_blocks.py, which calls them between the
+ * matmuls).
+ *
+ * Unfused, a sublayer's output projection adds its bias (a copy into the matmul's output), then
+ * the residual (another pass), then LayerNorm reads the sum again; the backward sums the bias
+ * gradient, the LayerNorm gradient and the residual gradient in three more passes. Here:
+ *
+ *   add_layer_norm         xn = x + p + bias, then a = LayerNorm(xn), its mean and 1/std per row
+ *   layer_norm_backward    dx = dres + LayerNorm'(da), the LayerNorm's weight and bias gradients,
+ *                          and the column sums of dx (the gradient of the bias added before it)
+ *   bias_gelu_forward      h += bias, g = gelu(h)               (h kept: the backward needs it)
+ *   gelu_backward_colsum   dh = gelu'(h) dg, and the column sums of dh (the bias gradient)
+ *
+ * Matrices are row-major (N rows of C floats). Column sums are accumulated per thread over a
+ * contiguous share of the rows and added up in thread order, so the result depends only on the
+ * number of threads, like ATen's reductions. Functions that need scratch memory return 1 when it
+ * cannot be allocated (nothing is then written to the sums), else 0.
+ */
+#include <stdlib.h>
+
+#include "common.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+#endif
+
+/* sum of v[0..n-1] */
+static inline float row_sum(const float *v, int64_t n) {
+    v8f acc = {0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) acc += load8(v + j);
+    float s = sum8(acc);
+    for (; j < n; j++) s += v[j];
+    return s;
+}
+
+/* The rows [first, last) that this thread of the team handles: contiguous shares, fixed by the
+ * team's size and the thread's number. */
+static inline void share(int64_t N, int64_t *first, int64_t *last) {
+    int64_t t = omp_get_thread_num(), team = omp_get_num_threads();
+    *first = N * t / team;
+    *last = N * (t + 1) / team;
+}
+
+/* The per-thread partial sums (threads x count floats) added in thread order into out[0..count-1]. */
+static void reduce_partials(const float *partial, int threads, int64_t count, float *out) {
+    for (int64_t j = 0; j < count; j++) out[j] = partial[j];
+    for (int t = 1; t < threads; t++) {
+        const float *p = partial + t * count;
+        for (int64_t j = 0; j < count; j++) out[j] += p[j];
+    }
+}
+
+/* xn = x + p + bias (p and bias may be NULL; xn may be x or p), then, when w is given,
+ * a = (xn - mean) * rstd * w + beta (beta may be NULL), mean (N,), rstd (N,) = 1/sqrt(var + eps). */
+void add_layer_norm(const float *x, const float *p, const float *bias, float *xn, const float *w, const float *beta,
+                    float *a, float *mean, float *rstd, int64_t N, int64_t C, float eps, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && N > 1)
+    for (int64_t i = 0; i < N; i++) {
+        const float *xr = x + i * C;
+        float *xnr = xn + i * C;
+        const float *pr = p ? p + i * C : NULL;
+        if (pr && bias) {
+            for (int64_t j = 0; j < C; j++) xnr[j] = xr[j] + pr[j] + bias[j];
+        } else if (pr) {
+            for (int64_t j = 0; j < C; j++) xnr[j] = xr[j] + pr[j];
+        } else if (bias) {
+            for (int64_t j = 0; j < C; j++) xnr[j] = xr[j] + bias[j];
+        } else if (xn != x) {
+            memcpy(xnr, xr, sizeof(float) * (size_t)C);
+        }
+        if (!w) continue;
+        float mu = row_sum(xnr, C) / (float)C;
+        v8f acc = {0};
+        int64_t j = 0;
+        for (; j + 8 <= C; j += 8) {
+            v8f d = load8(xnr + j) - mu;
+            acc += d * d;
+        }
+        float var = sum8(acc);
+        for (; j < C; j++) var += (xnr[j] - mu) * (xnr[j] - mu);
+        float r = 1.0f / sqrtf(var / (float)C + eps);
+        float *ar = a + i * C;
+        if (beta) {
+            for (j = 0; j < C; j++) ar[j] = (xnr[j] - mu) * r * w[j] + beta[j];
+        } else {
+            for (j = 0; j < C; j++) ar[j] = (xnr[j] - mu) * r * w[j];
+        }
+        mean[i] = mu;
+        rstd[i] = r;
+    }
+}
+
+/* The backward of add_layer_norm's LayerNorm, plus the residual and bias around it:
+ *     xhat = (xn - mean) rstd,  g = da w,
+ *     dx = dres + rstd (g - mean_j(g) - xhat mean_j(g xhat))     (dres may be NULL; dx may be dres)
+ *     dw = sum_i da xhat,  dbeta = sum_i da,  dcol = sum_i dx     (dbeta and dcol may be NULL) */
+int layer_norm_backward(const float *da, const float *xn, const float *mean, const float *rstd, const float *w,
+                        const float *dres, float *dx, float *dw, float *dbeta, float *dcol, int64_t N, int64_t C,
+                        int threads) {
+    if (threads < 1 || N < 2) threads = 1;
+    float *partial = calloc((size_t)threads * 3 * (size_t)C, sizeof(float));
+    if (!partial) return 1;
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t = omp_get_thread_num();  /* < threads: a team is never larger than asked */
+        int64_t first, last;
+        share(N, &first, &last);
+        float *pw = partial + (int64_t)t * 3 * C, *pb = pw + C, *pc = pb + C;
+        for (int64_t i = first; i < last; i++) {
+            const float *dar = da + i * C, *xr = xn + i * C;
+            const float mu = mean[i], r = rstd[i];
+            v8f sg = {0}, sgx = {0};
+            int64_t j = 0;
+            for (; j + 8 <= C; j += 8) {
+                v8f g = load8(dar + j) * load8(w + j), xh = (load8(xr + j) - mu) * r;
+                sg += g;
+                sgx += g * xh;
+            }
+            float sum_g = sum8(sg), sum_gx = sum8(sgx);
+            for (; j < C; j++) {
+                float g = dar[j] * w[j];
+                sum_g += g;
+                sum_gx += g * (xr[j] - mu) * r;
+            }
+            const float mg = sum_g / (float)C, mgx = sum_gx / (float)C;
+            const float *dresr = dres ? dres + i * C : NULL;
+            float *dxr = dx + i * C;
+            for (j = 0; j < C; j++) {
+                float xh = (xr[j] - mu) * r;
+                float d = r * (dar[j] * w[j] - mg - xh * mgx);
+                if (dresr) d += dresr[j];  /* the branch is the same for the whole call: hoisted */
+                dxr[j] = d;
+                pw[j] += dar[j] * xh;
+                pb[j] += dar[j];
+                pc[j] += d;
+            }
+        }
+    }
+    /* partial holds (dw, dbeta, dcol) per thread, C each: reduce each of the three in thread order. */
+    float *sums = malloc(sizeof(float) * 3 * (size_t)C);
+    if (!sums) {
+        free(partial);
+        return 1;
+    }
+    reduce_partials(partial, threads, 3 * C, sums);
+    memcpy(dw, sums, sizeof(float) * (size_t)C);
+    if (dbeta) memcpy(dbeta, sums + C, sizeof(float) * (size_t)C);
+    if (dcol) memcpy(dcol, sums + 2 * C, sizeof(float) * (size_t)C);
+    free(sums);
+    free(partial);
+    return 0;
+}
+
+/* h += bias (per column; bias may be NULL), then g = gelu(h) (tanh approximation). */
+void bias_gelu_forward(float *h, const float *bias, float *g, int64_t N, int64_t C, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && N > 1)
+    for (int64_t i = 0; i < N; i++) {
+        float *hr = h + i * C, *gr = g + i * C;
+        if (bias) {
+            for (int64_t j = 0; j < C; j++) hr[j] += bias[j];
+        }
+        for (int64_t j = 0; j < C; j++) gr[j] = hr[j] * sigmoid_of_gelu_arg(hr[j]);
+    }
+}
+
+/* dh = dg * gelu'(h) (d/dh [h s(z)] = s + h s (1 - s) dz/dh, dz/dh = K0 + 3 K1 h^2), and
+ * dcol = the column sums of dh (dcol may be NULL). */
+int gelu_backward_colsum(const float *dg, const float *h, float *dh, float *dcol, int64_t N, int64_t C, int threads) {
+    if (threads < 1 || N < 2) threads = 1;
+    float *partial = dcol ? calloc((size_t)threads * (size_t)C, sizeof(float)) : NULL;
+    if (dcol && !partial) return 1;
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t = omp_get_thread_num();  /* < threads: a team is never larger than asked */
+        int64_t first, last;
+        share(N, &first, &last);
+        float *pc = partial ? partial + (int64_t)t * C : NULL;
+        for (int64_t i = first; i < last; i++) {
+            const float *dgr = dg + i * C, *hr = h + i * C;
+            float *dhr = dh + i * C;
+            for (int64_t j = 0; j < C; j++) {
+                float v = hr[j], s = sigmoid_of_gelu_arg(v);
+                dhr[j] = dgr[j] * (s + v * s * (1.0f - s) * (K0 + 3.0f * K1 * v * v));
+            }
+            if (pc) {
+                for (int64_t j = 0; j < C; j++) pc[j] += dhr[j];
+            }
+        }
+    }
+    if (partial) {
+        reduce_partials(partial, threads, C, dcol);
+        free(partial);
+    }
+    return 0;
+}
+
+/* out[j] = sum_i x[i][j]: the gradient of a bias broadcast over N rows. Returns 1 without scratch. */
+int column_sum(const float *x, float *out, int64_t N, int64_t C, int threads) {
+    if (threads < 1 || N < 2) threads = 1;
+    float *partial = calloc((size_t)threads * (size_t)C, sizeof(float));
+    if (!partial) return 1;
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t = omp_get_thread_num();  /* < threads: a team is never larger than asked */
+        int64_t first, last;
+        share(N, &first, &last);
+        float *pc = partial + (int64_t)t * C;
+        for (int64_t i = first; i < last; i++) {
+            const float *xr = x + i * C;
+            for (int64_t j = 0; j < C; j++) pc[j] += xr[j];
+        }
+    }
+    reduce_partials(partial, threads, C, out);
+    free(partial);
+    return 0;
+}

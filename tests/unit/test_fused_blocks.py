@@ -1,0 +1,264 @@
+"""The fused CPU training path (gptkit/model/fused_blocks.py) computes what the blocks compute one
+module at a time, forward and backward, step after step; it runs only where it is that computation,
+and leaves every other case to the modules."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptkit.model import GPT, ModelConfig, fused_blocks
+from gptkit.model.layers import AttentionContext
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler on this machine"
+)
+
+SMALL = ModelConfig(n_layer=3, n_head=4, d_model=32, block_size=40, vocab_size=61, dropout=0.0)
+CAUSAL = AttentionContext(rope=None, mask=None, is_causal=True, cache=None)
+
+
+class FusedCalls:
+    """Counts the fused node's forwards (and can forbid them) by wrapping ``fused_blocks.run``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, allowed: bool = True) -> None:
+        self.count = 0
+        original = fused_blocks.run
+
+        def counting(*args, **kwargs):
+            assert allowed, "the fused blocks ran where they must not"
+            self.count += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(fused_blocks, "run", counting)
+
+
+def model_and_copy(seed: int = 0, **overrides) -> tuple[GPT, GPT]:
+    torch.manual_seed(seed)
+    model = GPT(dataclasses.replace(SMALL, **overrides)).train()
+    return model, copy.deepcopy(model)
+
+
+def loss_of(model: GPT, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def gradients(model: GPT) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_the_kernels_build_and_the_default_model_takes_the_fused_path() -> None:
+    model, _ = model_and_copy()
+    assert fused_blocks.applies(model.blocks, torch.randn(2, 16, 32), CAUSAL)
+
+
+@pytest.mark.parametrize(
+    "overrides, B, T",
+    [
+        ({}, 3, 33),  # T not a multiple of 4 or 8
+        ({"bias": False}, 2, 20),  # no biases anywhere: the kernels' NULL paths
+        ({"n_kv_head": 2}, 2, 16),  # grouped-query attention
+        ({"n_kv_head": 1, "d_model": 36, "n_head": 3}, 2, 9),  # multi-query, head width 12, C not a multiple of 8
+        ({"n_layer": 1}, 1, 2),  # one block, the shortest sequence the node takes
+        ({"d_ff": 40}, 2, 12),  # an MLP width that is not 4 * d_model
+    ],
+)
+def test_forward_and_gradients_match_the_modules(overrides: dict, B: int, T: int) -> None:
+    fused, modules = model_and_copy(**overrides)
+    tokens = torch.randint(0, 61, (B, T + 1), generator=torch.Generator().manual_seed(1))
+    loss_fused = loss_of(fused, tokens)
+    loss_fused.backward()
+    with fused_blocks.unfused():
+        loss_modules = loss_of(modules, tokens)
+        loss_modules.backward()
+    torch.testing.assert_close(loss_fused, loss_modules, rtol=1e-6, atol=1e-6)
+    got, want = gradients(fused), gradients(modules)
+    for name in want:
+        scale = want[name].abs().max().item() + 1e-12
+        assert (got[name] - want[name]).abs().max().item() <= 2e-5 * scale, name
+
+
+def test_as_close_to_float64_as_the_modules_are() -> None:
+    """Against the same model in float64, the fused gradients err no more than the modules' do."""
+    fused, modules = model_and_copy(seed=3)
+    exact = copy.deepcopy(modules).double()
+    tokens = torch.randint(0, 61, (4, 41), generator=torch.Generator().manual_seed(2))
+    loss_of(fused, tokens).backward()
+    with fused_blocks.unfused():
+        loss_of(modules, tokens).backward()
+    loss_of(exact, tokens).backward()
+    for (name, p_fused), p_modules, p_exact in zip(fused.named_parameters(), modules.parameters(), exact.parameters()):
+        err_fused = (p_fused.grad.double() - p_exact.grad).abs().max().item()
+        err_modules = (p_modules.grad.double() - p_exact.grad).abs().max().item()
+        assert err_fused <= 4 * err_modules + 1e-9, (name, err_fused, err_modules)
+
+
+def test_training_steps_reuse_the_arena_and_match_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AdamW steps on changing batches: every step's loss matches (stale buffers would not), and
+    the node ran every step."""
+    calls = FusedCalls(monkeypatch)
+    fused, modules = model_and_copy(seed=4)
+    two = torch.randint(0, 61, (2, 5, 30), generator=torch.Generator().manual_seed(3))
+    batches = two[[0, 1, 0, 1, 0, 1, 0, 1]]  # two batches in turn: the loss falls as they are learnt
+
+    def train(model: GPT) -> list[float]:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for batch in batches:
+            loss = loss_of(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses
+
+    with_node = train(fused)
+    assert calls.count == len(batches)
+    with fused_blocks.unfused():
+        with_modules = train(modules)
+    assert calls.count == len(batches)
+    assert with_node[-1] < with_node[0]  # it trains
+    assert with_node == pytest.approx(with_modules, abs=2e-5, rel=0)
+
+
+def test_identical_results_run_to_run() -> None:
+    """Two runs from the same seed agree bit for bit (what exact resume relies on)."""
+    tokens = torch.randint(0, 61, (3, 30), generator=torch.Generator().manual_seed(4))
+    runs = []
+    for _ in range(2):
+        model, _ = model_and_copy(seed=5)
+        loss_of(model, tokens).backward()
+        runs.append(gradients(model))
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+def test_two_graphs_alive_at_once_each_get_their_own_activations() -> None:
+    """Two forwards before either backward (say, two micro-batches kept for later): the second must
+    not overwrite the first's saved activations."""
+    fused, modules = model_and_copy(seed=6)
+    gen = torch.Generator().manual_seed(5)
+    first, second = torch.randint(0, 61, (2, 25), generator=gen), torch.randint(0, 61, (2, 25), generator=gen)
+    loss_of(fused, first).backward()  # one step first: its arena now waits in the pool
+    fused.zero_grad(set_to_none=True)
+    loss_a, loss_b = loss_of(fused, first), loss_of(fused, second)
+    (loss_a + 2 * loss_b).backward()
+    with fused_blocks.unfused():
+        (loss_of(modules, first) + 2 * loss_of(modules, second)).backward()
+    for (name, p), q in zip(fused.named_parameters(), modules.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=2e-5, atol=2e-6, msg=name)
+
+
+def test_retain_graph_then_a_second_backward() -> None:
+    fused, modules = model_and_copy(seed=7)
+    tokens = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(6))
+    loss = loss_of(fused, tokens)
+    loss.backward(retain_graph=True)
+    loss_of(fused, tokens).backward()  # another step's graph in between: it must take another arena
+    loss.backward()
+    with fused_blocks.unfused():
+        reference = loss_of(modules, tokens)
+        (3 * reference).backward()
+    for (name, p), q in zip(fused.named_parameters(), modules.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=2e-5, atol=2e-6, msg=name)
+
+
+def test_a_graph_dropped_without_backward_hands_its_arena_back() -> None:
+    model, _ = model_and_copy(seed=8)
+    tokens = torch.randint(0, 61, (2, 20))
+    fused_blocks._pool.clear()
+    loss = loss_of(model, tokens)
+    del loss  # e.g. a validation forward under grad, never differentiated
+    gc.collect()
+    (arenas,) = fused_blocks._pool.values()
+    assert len(arenas) == 1
+    kept = arenas[0]
+    loss_of(model, tokens).backward()
+    (arenas,) = fused_blocks._pool.values()
+    assert arenas == [kept]  # taken by the next forward, handed back by its backward
+
+
+def test_double_backward_matches_the_modules() -> None:
+    """create_graph=True (a gradient penalty): the gradients come from a recomputed graph of ATen
+    ops, so they are differentiable."""
+    fused, modules = model_and_copy(seed=9)
+    tokens = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(7))
+
+    def penalty(model: GPT) -> list[torch.Tensor]:
+        loss = loss_of(model, tokens)
+        grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+        sum(g.pow(2).sum() for g in grads).backward()
+        return [p.grad for p in model.parameters()]
+
+    got = penalty(fused)
+    with fused_blocks.unfused():
+        want = penalty(modules)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"position": "rope"}, {"norm": "rmsnorm"}, {"mlp": "swiglu"}, {"qk_norm": True}, {"dropout": 0.1}],
+)
+def test_other_architectures_run_module_by_module(monkeypatch: pytest.MonkeyPatch, overrides: dict) -> None:
+    FusedCalls(monkeypatch, allowed=False)
+    model, _ = model_and_copy(**overrides)
+    loss_of(model, torch.randint(0, 61, (2, 12))).backward()
+
+
+def test_cases_it_leaves_to_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    FusedCalls(monkeypatch, allowed=False)
+    model, _ = model_and_copy()
+    tokens = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        model(tokens)  # no graph to build
+    model.eval()
+    model(tokens).sum().backward()  # eval mode
+    model.train()
+    model(tokens[:, :1]).sum().backward()  # one token
+    with fused_blocks.unfused():
+        model(tokens).sum().backward()
+    model.double()
+    model(tokens).sum().backward()  # not float32
+    model.float()
+    model.blocks[1].mlp.up.weight.requires_grad_(False)  # a frozen parameter
+    model(tokens).sum().backward()
+    model.blocks[1].mlp.up.weight.requires_grad_(True)
+    handle = model.blocks[0].attn.register_forward_hook(lambda *args: None)  # a hook would be skipped
+    model(tokens).sum().backward()
+    handle.remove()
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        model(tokens, kv_cache=cache)
+
+
+def test_activation_checkpointing_keeps_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gptkit.distributed import apply_activation_checkpointing
+
+    FusedCalls(monkeypatch, allowed=False)
+    model, _ = model_and_copy()
+    apply_activation_checkpointing(model)
+    loss_of(model, torch.randint(0, 61, (2, 12))).backward()
+
+
+def test_torch_compile_traces_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch.compile the ctypes kernels are invisible: the applies check says no while tracing."""
+    model, _ = model_and_copy()
+    x = torch.randn(2, 8, 32)
+    seen: list[bool] = []
+
+    def blocks_forward(x: torch.Tensor) -> torch.Tensor:
+        seen.append(fused_blocks.applies(model.blocks, x, CAUSAL))
+        return x * 2
+
+    compiled = torch.compile(blocks_forward, backend="eager")
+    compiled(x)
+    assert seen == [False]
