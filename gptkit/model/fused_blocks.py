@@ -20,7 +20,7 @@ modules would (``applies``): GPT-2 blocks (LayerNorm, tanh-GELU MLP, no RoPE, no
 dropout, no KV cache or mask, CPU float32 plain tensors, every block parameter trainable, no hooks
 on the blocks, eager mode (not torch.compile, functorch or forward-mode AD), T up to the attention
 kernel's limit, and the kernels built. Everywhere else the blocks run one by one as usual;
-``unfused()`` forces that (tests, benchmarks).
+``unfused()`` forces that (tests, benchmarks). ``plan`` says whether it runs.
 
 Measured on the 2-core test machine at the char shape (benchmarks/README.md): a training step
 about 10% faster than the module-by-module forward with the same kernels.
@@ -37,9 +37,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_globals
 
 from gptkit.model import attention_kernel
-from gptkit.model.cpu_kernels import POINTER, SIZE, THREADS, _eager, _plain_cpu_float, load_library
+from gptkit.model.cpu_kernels import POINTER, SIZE, THREADS, _eager, load_library
 from gptkit.model.layers import MLP, AttentionContext, Block, CausalSelfAttention, LayerNorm
 
 _FLOAT = ctypes.c_float
@@ -62,10 +63,6 @@ def _library() -> ctypes.CDLL | None:
     return load_library("block", _SIGNATURES)
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _check(status: int) -> None:
     if status != 0:
         raise MemoryError("gptkit's fused block kernels could not allocate their scratch memory")
@@ -85,57 +82,104 @@ def unfused() -> Iterator[None]:
 # ---------------------------------------------------------------------------------- when it runs
 
 
-def _plain_block(block: nn.Module) -> bool:
-    """A GPT-2 block exactly as gptkit builds it: no subclass, wrapper, hook or parametrization
-    anywhere in it, no dropout, LayerNorms and a GELU MLP."""
+# The modules of a GPT-2 block, by path, and the type each must have exactly (a subclass or a
+# wrapper may compute something else).
+_BLOCK_LAYOUT = (
+    ((), Block), (("attn_norm",), LayerNorm), (("attn",), CausalSelfAttention), (("attn", "qkv"), nn.Linear),
+    (("attn", "out"), nn.Linear), (("mlp_norm",), LayerNorm), (("mlp",), MLP), (("mlp", "up"), nn.Linear),
+    (("mlp", "down"), nn.Linear), (("dropout",), nn.Identity),
+)
+
+
+def _block_modules(block: nn.Module) -> list[nn.Module] | None:
+    """The block's modules in _BLOCK_LAYOUT order if it is a GPT-2 block exactly as gptkit builds it
+    (every module of the expected type, in training mode, with no hook and no forward replaced on
+    the instance, which activation checkpointing does), else None. Reads ``_modules`` directly:
+    this runs on every training forward, and nn.Module's attribute lookup is slow."""
     if type(block) is not Block:
-        return False
-    attn, mlp = block.attn, block.mlp
-    expected = (
-        (block.attn_norm, LayerNorm), (block.mlp_norm, LayerNorm), (attn, CausalSelfAttention), (mlp, MLP),
-        (attn.qkv, nn.Linear), (attn.out, nn.Linear), (mlp.up, nn.Linear), (mlp.down, nn.Linear),
-        (block.dropout, nn.Identity),
+        return None
+    modules = []
+    for path, kind in _BLOCK_LAYOUT:
+        module = block
+        for name in path:
+            module = module._modules.get(name)
+        if (
+            type(module) is not kind
+            or not module.training
+            or "forward" in module.__dict__
+            or module._forward_hooks
+            or module._forward_pre_hooks
+            or module._backward_hooks
+            or module._backward_pre_hooks
+        ):
+            return None
+        modules.append(module)
+    attn, mlp = modules[2], modules[6]
+    if mlp.gated or attn.q_norm is not None or attn.dropout != 0.0 or len(block._modules) != 5:
+        return None
+    return modules
+
+
+def _trainable_cpu_float(p: torch.Tensor | None) -> bool:
+    return p is None or (
+        type(p) is nn.Parameter and p.requires_grad and p.is_cpu and p.dtype is torch.float32 and p.is_contiguous()
     )
-    if not all(type(module) is kind for module, kind in expected):
-        return False
-    if mlp.gated or attn.q_norm is not None or attn.dropout != 0.0:
-        return False
-    # A forward replaced on the instance (activation checkpointing does this) or a hook would be
-    # bypassed.
-    return not any(
-        "forward" in vars(m) or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-        or m._backward_pre_hooks
-        for m in block.modules()
-    )
+
+
+def _block_params(modules: list[nn.Module]) -> list[torch.Tensor | None]:
+    """The 12 parameters of a block (None for an absent bias), in the order the node takes them:
+    LayerNorm 1 weight and bias, qkv weight and bias, out weight and bias, LayerNorm 2 weight and
+    bias, up weight and bias, down weight and bias."""
+    params = []
+    for index in (1, 3, 4, 5, 7, 8):  # attn_norm, qkv, out, mlp_norm, up, down in _BLOCK_LAYOUT
+        owned = modules[index]._parameters
+        params.append(owned["weight"])
+        params.append(owned.get("bias"))
+    return params
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as module_module
-
     return bool(
-        module_module._global_forward_hooks
-        or module_module._global_forward_pre_hooks
-        or module_module._global_backward_hooks
-        or module_module._global_backward_pre_hooks
+        _module_globals._global_forward_hooks
+        or _module_globals._global_forward_pre_hooks
+        or _module_globals._global_backward_hooks
+        or _module_globals._global_backward_pre_hooks
     )
+
+
+def _gather(blocks: nn.ModuleList) -> list[torch.Tensor | None] | None:
+    """All the blocks' parameters (12 per block) when the node may run them, else None."""
+    params: list[torch.Tensor | None] = []
+    for block in blocks:
+        modules = _block_modules(block)
+        if modules is None:
+            return None
+        params.extend(_block_params(modules))
+    if not all(_trainable_cpu_float(p) for p in params):
+        return None
+    return params
+
+
+def plan(blocks: nn.ModuleList, x: torch.Tensor, ctx: AttentionContext) -> list[torch.Tensor | None] | None:
+    """The parameters to hand to ``run`` when it computes exactly what running ``blocks`` one by one
+    on ``x`` (B, T, C) would, else None (then run the blocks as usual)."""
+    if getattr(_state, "off", False) or not torch.is_grad_enabled() or len(blocks) == 0:
+        return None
+    if not (ctx.is_causal and ctx.cache is None and ctx.mask is None and ctx.rope is None):
+        return None
+    if x.dim() != 3 or not 2 <= x.shape[1] <= attention_kernel.MAX_T or type(x) is not torch.Tensor:
+        return None
+    if not (x.is_cpu and x.dtype is torch.float32) or _global_hooks():
+        return None
+    if not _eager() or attention_kernel._forward_ad_active():
+        return None
+    if not attention_kernel.available() or _library() is None:
+        return None
+    return _gather(blocks)
 
 
 def applies(blocks: nn.ModuleList, x: torch.Tensor, ctx: AttentionContext) -> bool:
-    """Whether ``run`` computes exactly what running ``blocks`` one by one on ``x`` (B, T, C) would."""
-    if getattr(_state, "off", False) or not torch.is_grad_enabled() or len(blocks) == 0:
-        return False
-    if not (ctx.is_causal and ctx.cache is None and ctx.mask is None and ctx.rope is None):
-        return False
-    if x.dim() != 3 or not 2 <= x.shape[1] <= attention_kernel.MAX_T or not _plain_cpu_float(x.contiguous()):
-        return False
-    if not all(block.training and _plain_block(block) for block in blocks) or _global_hooks():
-        return False
-    params = [p for block in blocks for p in block.parameters()]
-    if not all(type(p) is nn.Parameter and p.requires_grad and _plain_cpu_float(p.data) for p in params):
-        return False
-    return _eager() and not attention_kernel._forward_ad_active() and attention_kernel.available() and (
-        _library() is not None
-    )
+    return plan(blocks, x, ctx) is not None
 
 
 # ---------------------------------------------------------------------------------- the arena
@@ -152,34 +196,42 @@ class _Shape:
     Hkv: int
     layers: int
 
+    @property
+    def D(self) -> int:  # head width
+        return self.qkv // (self.H + 2 * self.Hkv)
+
+
+class _Buffers:
+    """Named float32 matrices, and their addresses for the C kernels (read once, not per call)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.t = {name: torch.empty(shape, dtype=torch.float32) for name, shape in shapes.items()}
+        self.p = {name: tensor.data_ptr() for name, tensor in self.t.items()}
+
 
 class _Arena:
     """Every activation the forward saves and every scratch matrix the backward needs, for one shape.
 
-    Per layer l (N = B T rows): x (the block's input; layer 0 uses the caller's tensor), a1 / m1 / r1
-    (LayerNorm 1's output, mean and 1/std), qkv, y and lse (attention output and its log-sum-exp),
-    xn (the residual after attention), a2 / m2 / r2 (LayerNorm 2), h (MLP pre-activation, bias
-    included) and g (GELU of h)."""
+    Per layer (N = B T rows): x (the block's input; layer 0 uses the caller's tensor instead), a1 /
+    m1 / r1 (LayerNorm 1's output, mean and 1/std), qkv, y and lse (attention output and its
+    log-sum-exp), xn (the residual after attention), a2 / m2 / r2 (LayerNorm 2), h (MLP
+    pre-activation, bias included) and g (GELU of h). Scratch for the backward: dg, dh, da, dxn, dy,
+    dqkv, and dx0 / dx1, the gradient flowing down, alternating between layers."""
 
     def __init__(self, s: _Shape) -> None:
-        N, C = s.B * s.T, s.C
-
-        def empty(*shape: int) -> torch.Tensor:
-            return torch.empty(*shape, dtype=torch.float32)
-
+        N, C, width = s.B * s.T, s.C, s.H * s.D
         self.layers = [
-            {
-                "x": empty(N, C) if layer > 0 else None, "a1": empty(N, C), "m1": empty(N), "r1": empty(N),
-                "qkv": empty(N, s.qkv), "y": empty(N, s.H * (s.qkv // (s.H + 2 * s.Hkv))), "lse": empty(s.B, s.H, s.T),
-                "xn": empty(N, C), "a2": empty(N, C), "m2": empty(N), "r2": empty(N),
-                "h": empty(N, s.hidden), "g": empty(N, s.hidden),
-            }
-            for layer in range(s.layers)
+            _Buffers({
+                "x": (N, C), "a1": (N, C), "m1": (N,), "r1": (N,), "qkv": (N, s.qkv), "y": (N, width),
+                "lse": (s.B, s.H, s.T), "xn": (N, C), "a2": (N, C), "m2": (N,), "r2": (N,), "h": (N, s.hidden),
+                "g": (N, s.hidden),
+            })
+            for _ in range(s.layers)
         ]
-        width = s.H * (s.qkv // (s.H + 2 * s.Hkv))
-        self.dg, self.dh = empty(N, s.hidden), empty(N, s.hidden)
-        self.da, self.dxn, self.dy, self.dqkv = empty(N, C), empty(N, C), empty(N, width), empty(N, s.qkv)
-        self.dx = (empty(N, C), empty(N, C))  # the gradient flowing down, alternating between layers
+        self.scratch = _Buffers({
+            "dg": (N, s.hidden), "dh": (N, s.hidden), "da": (N, C), "dxn": (N, C), "dy": (N, width),
+            "dqkv": (N, s.qkv), "dx0": (N, C), "dx1": (N, C),
+        })
 
 
 _pool: OrderedDict[_Shape, list[_Arena]] = OrderedDict()
@@ -225,62 +277,59 @@ class _Lease:
 _PER_BLOCK = 12  # parameters per block, in _block_params order
 
 
-def _block_params(block: Block) -> list[torch.Tensor | None]:
-    a, m = block.attn, block.mlp
-    return [
-        block.attn_norm.weight, block.attn_norm.bias, a.qkv.weight, a.qkv.bias, a.out.weight, a.out.bias,
-        block.mlp_norm.weight, block.mlp_norm.bias, m.up.weight, m.up.bias, m.down.weight, m.down.bias,
-    ]
-
-
 class _FusedBlocks(torch.autograd.Function):
+    """All blocks forward, then all blocks backward; see the module docstring. Per block, with N rows:
+
+        a1 = LN1(x);  qkv = a1 Wqkv^T + bqkv;  y = attention(qkv)
+        xn = x + y Wo^T + bo;  a2 = LN2(xn)
+        h = a2 Wup^T + bup;  g = gelu(h);  x_next = xn + g Wd^T + bd   (LN1 of the next block fused here)
+    """
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, blocks: nn.ModuleList, shape: _Shape, eps: float,  # type: ignore[override]
                 *params: torch.Tensor | None) -> torch.Tensor:
-        lib = _library()
-        assert lib is not None
-        attn = attention_kernel._library()
-        assert attn is not None
+        lib, attn = _library(), attention_kernel._library()
+        assert lib is not None and attn is not None
         threads = torch.get_num_threads()
         s = shape
-        N, C, D = s.B * s.T, s.C, s.qkv // (s.H + 2 * s.Hkv)
+        N, C = s.B * s.T, s.C
+        ctx.save_for_backward(x, *params)  # the input itself: a double backward recomputes from it
         lease = _Lease(s)
         arena = lease.arena
         assert arena is not None
-        ctx.save_for_backward(x, *params)  # the input itself: a double backward recomputes from it
-        x = x.view(N, C)
         out = torch.empty(N, C, dtype=x.dtype)  # the last block's output: the caller's to keep
+        ptrs = [None if p is None else p.data_ptr() for p in params]
+        x_ptr = x.data_ptr()
+        # LayerNorm 1 of the first block; the later blocks' runs fused with the residual add below.
+        first = arena.layers[0].p
+        lib.add_layer_norm(x_ptr, None, None, x_ptr, ptrs[0], ptrs[1], first["a1"], first["m1"], first["r1"], N, C,
+                           eps, threads)
         for layer in range(s.layers):
             w1, b1, wqkv, bqkv, wo, bo, w2, b2, wup, bup, wd, bd = params[_PER_BLOCK * layer: _PER_BLOCK * (layer + 1)]
-            act = arena.layers[layer]
-            x_in = x if layer == 0 else act["x"]
-            if layer == 0:  # the later blocks' first LayerNorm runs fused with the residual below
-                lib.add_layer_norm(_ptr(x), None, None, _ptr(x), _ptr(w1), _ptr(b1), _ptr(act["a1"]),
-                                   _ptr(act["m1"]), _ptr(act["r1"]), N, C, eps, threads)
+            pw = ptrs[_PER_BLOCK * layer: _PER_BLOCK * (layer + 1)]
+            t, p = arena.layers[layer].t, arena.layers[layer].p
+            x_in = x_ptr if layer == 0 else p["x"]
             if bqkv is not None:
-                torch.addmm(bqkv, act["a1"], wqkv.t(), out=act["qkv"])
+                torch.addmm(bqkv, t["a1"], wqkv.t(), out=t["qkv"])
             else:
-                torch.mm(act["a1"], wqkv.t(), out=act["qkv"])
-            attention_kernel._check(attn.attention_forward(
-                _ptr(act["qkv"]), _ptr(act["y"]), _ptr(act["lse"]), s.B, s.T, s.H, s.Hkv, D, threads))
-            # xn = x + y Wo^T + bo, then LayerNorm 2 of it
-            torch.mm(act["y"], wo.t(), out=act["xn"])
-            lib.add_layer_norm(_ptr(x_in), _ptr(act["xn"]), _ptr(bo), _ptr(act["xn"]), _ptr(w2), _ptr(b2),
-                               _ptr(act["a2"]), _ptr(act["m2"]), _ptr(act["r2"]), N, C, eps, threads)
-            torch.mm(act["a2"], wup.t(), out=act["h"])
-            lib.bias_gelu_forward(_ptr(act["h"]), _ptr(bup), _ptr(act["g"]), N, s.hidden, threads)
-            # x_next = xn + g Wd^T + bd, then the next block's LayerNorm 1 of it
-            last = layer == s.layers - 1
-            following = None if last else arena.layers[layer + 1]
-            x_next = out if last else following["x"]
-            torch.mm(act["g"], wd.t(), out=x_next)
-            if last:
-                lib.add_layer_norm(_ptr(act["xn"]), _ptr(x_next), _ptr(bd), _ptr(x_next), None, None, None, None,
-                                   None, N, C, eps, threads)
+                torch.mm(t["a1"], wqkv.t(), out=t["qkv"])
+            attention_kernel._check(attn.attention_forward(p["qkv"], p["y"], p["lse"], s.B, s.T, s.H, s.Hkv, s.D,
+                                                           threads))
+            torch.mm(t["y"], wo.t(), out=t["xn"])
+            lib.add_layer_norm(x_in, p["xn"], pw[5], p["xn"], pw[6], pw[7], p["a2"], p["m2"], p["r2"], N, C, eps,
+                               threads)
+            torch.mm(t["a2"], wup.t(), out=t["h"])
+            lib.bias_gelu_forward(p["h"], pw[9], p["g"], N, s.hidden, threads)
+            if layer == s.layers - 1:
+                torch.mm(t["g"], wd.t(), out=out)
+                lib.add_layer_norm(p["xn"], out.data_ptr(), pw[11], out.data_ptr(), None, None, None, None, None, N,
+                                   C, eps, threads)
             else:
-                nw1, nb1 = params[_PER_BLOCK * (layer + 1)], params[_PER_BLOCK * (layer + 1) + 1]
-                lib.add_layer_norm(_ptr(act["xn"]), _ptr(x_next), _ptr(bd), _ptr(x_next), _ptr(nw1), _ptr(nb1),
-                                   _ptr(following["a1"]), _ptr(following["m1"]), _ptr(following["r1"]), N, C, eps,
+                following = arena.layers[layer + 1]
+                torch.mm(t["g"], wd.t(), out=following.t["x"])
+                nxt = following.p
+                lib.add_layer_norm(p["xn"], nxt["x"], pw[11], nxt["x"], ptrs[_PER_BLOCK * (layer + 1)],
+                                   ptrs[_PER_BLOCK * (layer + 1) + 1], nxt["a1"], nxt["m1"], nxt["r1"], N, C, eps,
                                    threads)
         ctx.lease, ctx.shape, ctx.blocks = lease, s, blocks
         return out.view(s.B, s.T, C)
@@ -293,59 +342,62 @@ class _FusedBlocks(torch.autograd.Function):
         arena = lease.arena
         if arena is None:
             raise RuntimeError("the fused blocks' saved activations were already freed by an earlier backward")
-        lib = _library()
-        attn = attention_kernel._library()
+        lib, attn = _library(), attention_kernel._library()
         assert lib is not None and attn is not None
         threads = torch.get_num_threads()
         s: _Shape = ctx.shape
-        N, C, D = s.B * s.T, s.C, s.qkv // (s.H + 2 * s.Hkv)
+        N, C = s.B * s.T, s.C
         x_saved, *params = ctx.saved_tensors
-        x0 = x_saved.view(N, C)
+        x0_ptr = x_saved.data_ptr()
+        ptrs = [None if p is None else p.data_ptr() for p in params]
         has_bias = params[5] is not None
         grads: list[torch.Tensor | None] = [None] * len(params)
+        st, sp = arena.scratch.t, arena.scratch.p
+
+        def new(*size: int) -> torch.Tensor:
+            return torch.empty(size, dtype=torch.float32)
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
 
         d_next = grad_out.reshape(N, C)
-        if not _plain_cpu_float(d_next):
+        if not d_next.is_contiguous():
             d_next = d_next.contiguous()
-        d_bd = torch.empty(C) if has_bias else None  # the last block's down-projection bias gradient
+        d_bd = new(C) if has_bias else None  # the last block's down-projection bias gradient
         if d_bd is not None:
-            _check(lib.column_sum(_ptr(d_next), _ptr(d_bd), N, C, threads))
+            _check(lib.column_sum(d_next.data_ptr(), d_bd.data_ptr(), N, C, threads))
         for layer in reversed(range(s.layers)):
             w1, b1, wqkv, bqkv, wo, bo, w2, b2, wup, bup, wd, bd = params[_PER_BLOCK * layer: _PER_BLOCK * (layer + 1)]
-            act = arena.layers[layer]
-            x_in = x0 if layer == 0 else act["x"]
+            pw = ptrs[_PER_BLOCK * layer: _PER_BLOCK * (layer + 1)]
+            t, p = arena.layers[layer].t, arena.layers[layer].p
+            x_in = x0_ptr if layer == 0 else p["x"]
             # MLP: x_next = xn + gelu(a2 Wup^T + bup) Wd^T + bd
-            torch.mm(d_next, wd, out=arena.dg)
-            d_wd = torch.mm(d_next.t(), act["g"])
-            d_bup = torch.empty(s.hidden) if bup is not None else None
-            _check(lib.gelu_backward_colsum(_ptr(arena.dg), _ptr(act["h"]), _ptr(arena.dh), _ptr(d_bup), N, s.hidden,
-                                            threads))
-            torch.mm(arena.dh, wup, out=arena.da)
-            d_wup = torch.mm(arena.dh.t(), act["a2"])
+            torch.mm(d_next, wd, out=st["dg"])
+            d_wd = torch.mm(d_next.t(), t["g"])
+            d_bup = new(s.hidden) if bup is not None else None
+            _check(lib.gelu_backward_colsum(sp["dg"], p["h"], sp["dh"], ptr(d_bup), N, s.hidden, threads))
+            torch.mm(st["dh"], wup, out=st["da"])
+            d_wup = torch.mm(st["dh"].t(), t["a2"])
             # LayerNorm 2 and the residual around it; its column sums are the out projection's bias gradient
-            d_w2, d_b2 = torch.empty(C), torch.empty(C) if b2 is not None else None
-            d_bo = torch.empty(C) if bo is not None else None
-            _check(lib.layer_norm_backward(_ptr(arena.da), _ptr(act["xn"]), _ptr(act["m2"]), _ptr(act["r2"]), _ptr(w2),
-                                           _ptr(d_next), _ptr(arena.dxn), _ptr(d_w2), _ptr(d_b2), _ptr(d_bo), N, C,
-                                           threads))
+            d_w2, d_b2, d_bo = new(C), new(C) if b2 is not None else None, new(C) if bo is not None else None
+            _check(lib.layer_norm_backward(sp["da"], p["xn"], p["m2"], p["r2"], pw[6], d_next.data_ptr(), sp["dxn"],
+                                           d_w2.data_ptr(), ptr(d_b2), ptr(d_bo), N, C, threads))
             # Attention: xn = x + attention(a1 Wqkv^T + bqkv) Wo^T + bo
-            torch.mm(arena.dxn, wo, out=arena.dy)
-            d_wo = torch.mm(arena.dxn.t(), act["y"])
-            attention_kernel._check(attn.attention_backward(
-                _ptr(act["qkv"]), _ptr(act["y"]), _ptr(act["lse"]), _ptr(arena.dy), _ptr(arena.dqkv), s.B, s.T, s.H,
-                s.Hkv, D, threads))
-            d_bqkv = torch.empty(s.qkv) if bqkv is not None else None
+            torch.mm(st["dxn"], wo, out=st["dy"])
+            d_wo = torch.mm(st["dxn"].t(), t["y"])
+            attention_kernel._check(attn.attention_backward(p["qkv"], p["y"], p["lse"], sp["dy"], sp["dqkv"], s.B, s.T,
+                                                            s.H, s.Hkv, s.D, threads))
+            d_bqkv = new(s.qkv) if bqkv is not None else None
             if d_bqkv is not None:
-                _check(lib.column_sum(_ptr(arena.dqkv), _ptr(d_bqkv), N, s.qkv, threads))
-            torch.mm(arena.dqkv, wqkv, out=arena.da)
-            d_wqkv = torch.mm(arena.dqkv.t(), act["a1"])
+                _check(lib.column_sum(sp["dqkv"], d_bqkv.data_ptr(), N, s.qkv, threads))
+            torch.mm(st["dqkv"], wqkv, out=st["da"])
+            d_wqkv = torch.mm(st["dqkv"].t(), t["a1"])
             # LayerNorm 1 and the residual; its column sums are the previous block's down bias gradient
-            d_x = torch.empty(N, C) if layer == 0 else arena.dx[layer % 2]
-            d_w1, d_b1 = torch.empty(C), torch.empty(C) if b1 is not None else None
-            d_bd_below = torch.empty(C) if has_bias and layer > 0 else None
-            _check(lib.layer_norm_backward(_ptr(arena.da), _ptr(x_in), _ptr(act["m1"]), _ptr(act["r1"]), _ptr(w1),
-                                           _ptr(arena.dxn), _ptr(d_x), _ptr(d_w1), _ptr(d_b1), _ptr(d_bd_below), N, C,
-                                           threads))
+            d_x = new(N, C) if layer == 0 else st[f"dx{layer % 2}"]
+            d_w1, d_b1 = new(C), new(C) if b1 is not None else None
+            d_bd_below = new(C) if has_bias and layer > 0 else None
+            _check(lib.layer_norm_backward(sp["da"], x_in, p["m1"], p["r1"], pw[0], sp["dxn"], d_x.data_ptr(),
+                                           d_w1.data_ptr(), ptr(d_b1), ptr(d_bd_below), N, C, threads))
             grads[_PER_BLOCK * layer: _PER_BLOCK * (layer + 1)] = [
                 d_w1, d_b1, d_wqkv, d_bqkv, d_wo, d_bo, d_w2, d_b2, d_wup, d_bup, d_wd, d_bd,
             ]
@@ -372,12 +424,11 @@ def _recomputed_backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | No
     return (d_x0, None, None, None, *grads)
 
 
-def run(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-    """The blocks applied to ``x`` (B, T, C) as one autograd node; the caller checks ``applies``."""
+def run(blocks: nn.ModuleList, x: torch.Tensor, params: list[torch.Tensor | None]) -> torch.Tensor:
+    """The blocks applied to ``x`` (B, T, C) as one autograd node; ``params`` is what ``plan`` returned."""
     first: Block = blocks[0]
     attn = first.attn
     B, T, C = x.shape
     shape = _Shape(B=B, T=T, C=C, qkv=attn.qkv.out_features, hidden=first.mlp.up.out_features, H=attn.n_head,
                    Hkv=attn.n_kv_head, layers=len(blocks))
-    params = [p for block in blocks for p in _block_params(block)]
     return _FusedBlocks.apply(x.contiguous(), blocks, shape, first.attn_norm.eps, *params)

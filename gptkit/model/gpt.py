@@ -118,10 +118,11 @@ class GPT(nn.Module):
 
         rope = self.rotary.tables(positions, T) if self.rotary is not None else None
         ctx = AttentionContext(rope=rope, mask=mask, is_causal=is_causal, cache=kv_cache)
-        if fused_blocks.applies(self.blocks, x, ctx):
+        fused_params = fused_blocks.plan(self.blocks, x, ctx)
+        if fused_params is not None:
             # CPU float32 training of GPT-2 blocks: all blocks as one node with fused kernels (the
             # same numbers, faster steps); see gptkit/model/fused_blocks.py.
-            x = fused_blocks.run(self.blocks, x)
+            x = fused_blocks.run(self.blocks, x, fused_params)
         else:
             for layer, block in enumerate(self.blocks):
                 x = block(x, layer, ctx)
