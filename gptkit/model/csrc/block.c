@@ -55,26 +55,32 @@ static void reduce_partials(const float *partial, int threads, int64_t count, fl
     }
 }
 
+/* p[0..7] = v (an unaligned store) */
+static inline void put8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+
 /* xn = x + p + bias (p and bias may be NULL; xn may be x or p), then, when w is given,
- * a = (xn - mean) * rstd * w + beta (beta may be NULL), mean (N,), rstd (N,) = 1/sqrt(var + eps). */
+ * a = (xn - mean) * rstd * w + beta (beta may be NULL), mean (N,), rstd (N,) = 1/sqrt(var + eps).
+ * a, mean and rstd must not overlap the inputs. */
 void add_layer_norm(const float *x, const float *p, const float *bias, float *xn, const float *w, const float *beta,
-                    float *a, float *mean, float *rstd, int64_t N, int64_t C, float eps, int threads) {
+                    float *restrict a, float *restrict mean, float *restrict rstd, int64_t N, int64_t C, float eps,
+                    int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && N > 1)
     for (int64_t i = 0; i < N; i++) {
-        const float *xr = x + i * C;
+        const float *xr = x + i * C, *pr = p ? p + i * C : NULL;
         float *xnr = xn + i * C;
-        const float *pr = p ? p + i * C : NULL;
-        if (pr && bias) {
-            for (int64_t j = 0; j < C; j++) xnr[j] = xr[j] + pr[j] + bias[j];
-        } else if (pr) {
-            for (int64_t j = 0; j < C; j++) xnr[j] = xr[j] + pr[j];
-        } else if (bias) {
-            for (int64_t j = 0; j < C; j++) xnr[j] = xr[j] + bias[j];
-        } else if (xn != x) {
-            memcpy(xnr, xr, sizeof(float) * (size_t)C);
+        /* Each 8-float chunk is loaded before it is stored: correct when xn is x or p. */
+        if (pr || bias || xn != x) {
+            int64_t j = 0;
+            for (; j + 8 <= C; j += 8) {
+                v8f v = load8(xr + j);
+                if (pr) v += load8(pr + j);
+                if (bias) v += load8(bias + j);
+                put8(xnr + j, v);
+            }
+            for (; j < C; j++) xnr[j] = xr[j] + (pr ? pr[j] : 0.0f) + (bias ? bias[j] : 0.0f);
         }
         if (!w) continue;
-        float mu = row_sum(xnr, C) / (float)C;
+        const float mu = row_sum(xnr, C) / (float)C;
         v8f acc = {0};
         int64_t j = 0;
         for (; j + 8 <= C; j += 8) {
@@ -83,13 +89,14 @@ void add_layer_norm(const float *x, const float *p, const float *bias, float *xn
         }
         float var = sum8(acc);
         for (; j < C; j++) var += (xnr[j] - mu) * (xnr[j] - mu);
-        float r = 1.0f / sqrtf(var / (float)C + eps);
+        const float r = 1.0f / sqrtf(var / (float)C + eps);
         float *ar = a + i * C;
-        if (beta) {
-            for (j = 0; j < C; j++) ar[j] = (xnr[j] - mu) * r * w[j] + beta[j];
-        } else {
-            for (j = 0; j < C; j++) ar[j] = (xnr[j] - mu) * r * w[j];
+        for (j = 0; j + 8 <= C; j += 8) {
+            v8f v = (load8(xnr + j) - mu) * r * load8(w + j);
+            if (beta) v += load8(beta + j);
+            put8(ar + j, v);
         }
+        for (; j < C; j++) ar[j] = (xnr[j] - mu) * r * w[j] + (beta ? beta[j] : 0.0f);
         mean[i] = mu;
         rstd[i] = r;
     }
@@ -97,11 +104,13 @@ void add_layer_norm(const float *x, const float *p, const float *bias, float *xn
 
 /* The backward of add_layer_norm's LayerNorm, plus the residual and bias around it:
  *     xhat = (xn - mean) rstd,  g = da w,
- *     dx = dres + rstd (g - mean_j(g) - xhat mean_j(g xhat))     (dres may be NULL; dx may be dres)
- *     dw = sum_i da xhat,  dbeta = sum_i da,  dcol = sum_i dx     (dbeta and dcol may be NULL) */
-int layer_norm_backward(const float *da, const float *xn, const float *mean, const float *rstd, const float *w,
-                        const float *dres, float *dx, float *dw, float *dbeta, float *dcol, int64_t N, int64_t C,
-                        int threads) {
+ *     dx = dres + rstd (g - mean_j(g) - xhat mean_j(g xhat))     (dres may be NULL)
+ *     dw = sum_i da xhat,  dbeta = sum_i da,  dcol = sum_i dx     (dbeta and dcol may be NULL)
+ * dx must not overlap any input. */
+int layer_norm_backward(const float *restrict da, const float *restrict xn, const float *restrict mean,
+                        const float *restrict rstd, const float *restrict w, const float *restrict dres,
+                        float *restrict dx, float *restrict dw, float *restrict dbeta, float *restrict dcol, int64_t N,
+                        int64_t C, int threads) {
     if (threads < 1 || N < 2) threads = 1;
     float *partial = calloc((size_t)threads * 3 * (size_t)C, sizeof(float));
     if (!partial) return 1;
@@ -110,7 +119,8 @@ int layer_norm_backward(const float *da, const float *xn, const float *mean, con
         int t = omp_get_thread_num();  /* < threads: a team is never larger than asked */
         int64_t first, last;
         share(N, &first, &last);
-        float *pw = partial + (int64_t)t * 3 * C, *pb = pw + C, *pc = pb + C;
+        float *restrict pw = partial + (int64_t)t * 3 * C;
+        float *restrict pb = pw + C, *restrict pc = pb + C;
         for (int64_t i = first; i < last; i++) {
             const float *dar = da + i * C, *xr = xn + i * C;
             const float mu = mean[i], r = rstd[i];
@@ -130,10 +140,18 @@ int layer_norm_backward(const float *da, const float *xn, const float *mean, con
             const float mg = sum_g / (float)C, mgx = sum_gx / (float)C;
             const float *dresr = dres ? dres + i * C : NULL;
             float *dxr = dx + i * C;
-            for (j = 0; j < C; j++) {
+            for (j = 0; j + 8 <= C; j += 8) {
+                v8f d8 = load8(dar + j), xh = (load8(xr + j) - mu) * r;
+                v8f d = r * (d8 * load8(w + j) - mg - xh * mgx);
+                if (dresr) d += load8(dresr + j);
+                put8(dxr + j, d);
+                put8(pw + j, load8(pw + j) + d8 * xh);
+                put8(pb + j, load8(pb + j) + d8);
+                put8(pc + j, load8(pc + j) + d);
+            }
+            for (; j < C; j++) {
                 float xh = (xr[j] - mu) * r;
-                float d = r * (dar[j] * w[j] - mg - xh * mgx);
-                if (dresr) d += dresr[j];  /* the branch is the same for the whole call: hoisted */
+                float d = r * (dar[j] * w[j] - mg - xh * mgx) + (dresr ? dresr[j] : 0.0f);
                 dxr[j] = d;
                 pw[j] += dar[j] * xh;
                 pb[j] += dar[j];
@@ -156,11 +174,14 @@ int layer_norm_backward(const float *da, const float *xn, const float *mean, con
     return 0;
 }
 
-/* h += bias (per column; bias may be NULL), then g = gelu(h) (tanh approximation). */
-void bias_gelu_forward(float *h, const float *bias, float *g, int64_t N, int64_t C, int threads) {
+/* h += bias (per column; bias may be NULL), then g = gelu(h) (tanh approximation). g must not
+ * overlap h. */
+void bias_gelu_forward(float *restrict h, const float *restrict bias, float *restrict g, int64_t N, int64_t C,
+                       int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && N > 1)
     for (int64_t i = 0; i < N; i++) {
-        float *hr = h + i * C, *gr = g + i * C;
+        float *restrict hr = h + i * C;
+        float *restrict gr = g + i * C;
         if (bias) {
             for (int64_t j = 0; j < C; j++) hr[j] += bias[j];
         }
@@ -169,20 +190,21 @@ void bias_gelu_forward(float *h, const float *bias, float *g, int64_t N, int64_t
 }
 
 /* dh = dg * gelu'(h) (d/dh [h s(z)] = s + h s (1 - s) dz/dh, dz/dh = K0 + 3 K1 h^2), and
- * dcol = the column sums of dh (dcol may be NULL). */
-int gelu_backward_colsum(const float *dg, const float *h, float *dh, float *dcol, int64_t N, int64_t C, int threads) {
+ * dcol = the column sums of dh (dcol may be NULL). dh must not overlap the inputs. */
+int gelu_backward_colsum(const float *restrict dg, const float *restrict h, float *restrict dh, float *restrict dcol,
+                         int64_t N, int64_t C, int threads) {
     if (threads < 1 || N < 2) threads = 1;
     float *partial = dcol ? calloc((size_t)threads * (size_t)C, sizeof(float)) : NULL;
     if (dcol && !partial) return 1;
     #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int t = omp_get_thread_num();  /* < threads: a team is never larger than asked */
+        int t = omp_get_thread_num();
         int64_t first, last;
         share(N, &first, &last);
-        float *pc = partial ? partial + (int64_t)t * C : NULL;
+        float *restrict pc = partial ? partial + (int64_t)t * C : NULL;
         for (int64_t i = first; i < last; i++) {
-            const float *dgr = dg + i * C, *hr = h + i * C;
-            float *dhr = dh + i * C;
+            const float *restrict dgr = dg + i * C, *restrict hr = h + i * C;
+            float *restrict dhr = dh + i * C;
             for (int64_t j = 0; j < C; j++) {
                 float v = hr[j], s = sigmoid_of_gelu_arg(v);
                 dhr[j] = dgr[j] * (s + v * s * (1.0f - s) * (K0 + 3.0f * K1 * v * v));
@@ -200,18 +222,18 @@ int gelu_backward_colsum(const float *dg, const float *h, float *dh, float *dcol
 }
 
 /* out[j] = sum_i x[i][j]: the gradient of a bias broadcast over N rows. Returns 1 without scratch. */
-int column_sum(const float *x, float *out, int64_t N, int64_t C, int threads) {
+int column_sum(const float *restrict x, float *restrict out, int64_t N, int64_t C, int threads) {
     if (threads < 1 || N < 2) threads = 1;
     float *partial = calloc((size_t)threads * (size_t)C, sizeof(float));
     if (!partial) return 1;
     #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int t = omp_get_thread_num();  /* < threads: a team is never larger than asked */
+        int t = omp_get_thread_num();
         int64_t first, last;
         share(N, &first, &last);
-        float *pc = partial + (int64_t)t * C;
+        float *restrict pc = partial + (int64_t)t * C;
         for (int64_t i = first; i < last; i++) {
-            const float *xr = x + i * C;
+            const float *restrict xr = x + i * C;
             for (int64_t j = 0; j < C; j++) pc[j] += xr[j];
         }
     }
