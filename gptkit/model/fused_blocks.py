@@ -215,7 +215,8 @@ class _Arena:
     Per layer (N = B T rows): x (the block's input; layer 0 uses the caller's tensor instead), a1 /
     m1 / r1 (LayerNorm 1's output, mean and 1/std), qkv, y and lse (attention output and its
     log-sum-exp), xn (the residual after attention), a2 / m2 / r2 (LayerNorm 2), h (MLP
-    pre-activation, bias included) and g (GELU of h). Scratch for the backward: dg, dh, da, dxn, dy,
+    pre-activation; after the GELU it holds the GELU's derivative there instead, all the backward
+    needs) and g (GELU of h + bias). Scratch for the backward: dg, dh, da, dxn, dy,
     dqkv, and dx0 / dx1, the gradient flowing down, alternating between layers."""
 
     def __init__(self, s: _Shape) -> None:
@@ -283,6 +284,8 @@ class _FusedBlocks(torch.autograd.Function):
         a1 = LN1(x);  qkv = a1 Wqkv^T + bqkv;  y = attention(qkv)
         xn = x + y Wo^T + bo;  a2 = LN2(xn)
         h = a2 Wup^T + bup;  g = gelu(h);  x_next = xn + g Wd^T + bd   (LN1 of the next block fused here)
+
+    The forward keeps gelu'(h) rather than h: the backward's GELU step is then one multiply.
     """
 
     @staticmethod

@@ -9,8 +9,8 @@
  *   add_layer_norm         xn = x + p + bias, then a = LayerNorm(xn), its mean and 1/std per row
  *   layer_norm_backward    dx = dres + LayerNorm'(da), the LayerNorm's weight and bias gradients,
  *                          and the column sums of dx (the gradient of the bias added before it)
- *   bias_gelu_forward      h += bias, g = gelu(h)               (h kept: the backward needs it)
- *   gelu_backward_colsum   dh = gelu'(h) dg, and the column sums of dh (the bias gradient)
+ *   bias_gelu_forward      g = gelu(h + bias), and h replaced by gelu'(h + bias) for the backward
+ *   gelu_backward_colsum   dh = gelu' dg, and the column sums of dh (the bias gradient)
  *
  * Matrices are row-major (N rows of C floats). Column sums are accumulated per thread over a
  * contiguous share of the rows and added up in thread order, so the result depends only on the
@@ -174,25 +174,29 @@ int layer_norm_backward(const float *restrict da, const float *restrict xn, cons
     return 0;
 }
 
-/* h += bias (per column; bias may be NULL), then g = gelu(h) (tanh approximation). g must not
- * overlap h. */
+/* g = gelu(h + bias) (tanh approximation; bias per column, may be NULL), and h is overwritten with
+ * gelu'(h + bias): all the backward needs, so that it is one multiply per element instead of another
+ * exponential. With u = h + bias, s = sigmoid(z), z = K0 u + K1 u^3:
+ *     gelu(u) = u s,   gelu'(u) = s + u s (1 - s) (K0 + 3 K1 u^2).
+ * g must not overlap h. */
 void bias_gelu_forward(float *restrict h, const float *restrict bias, float *restrict g, int64_t N, int64_t C,
                        int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && N > 1)
     for (int64_t i = 0; i < N; i++) {
         float *restrict hr = h + i * C;
         float *restrict gr = g + i * C;
-        if (bias) {
-            for (int64_t j = 0; j < C; j++) hr[j] += bias[j];
+        for (int64_t j = 0; j < C; j++) {
+            float u = hr[j] + (bias ? bias[j] : 0.0f), s = sigmoid_of_gelu_arg(u);
+            gr[j] = u * s;
+            hr[j] = s + u * s * (1.0f - s) * (K0 + 3.0f * K1 * u * u);
         }
-        for (int64_t j = 0; j < C; j++) gr[j] = hr[j] * sigmoid_of_gelu_arg(hr[j]);
     }
 }
 
-/* dh = dg * gelu'(h) (d/dh [h s(z)] = s + h s (1 - s) dz/dh, dz/dh = K0 + 3 K1 h^2), and
- * dcol = the column sums of dh (dcol may be NULL). dh must not overlap the inputs. */
-int gelu_backward_colsum(const float *restrict dg, const float *restrict h, float *restrict dh, float *restrict dcol,
-                         int64_t N, int64_t C, int threads) {
+/* dh = dg * gelu' (as bias_gelu_forward left it), and dcol = the column sums of dh (dcol may be
+ * NULL). dh must not overlap the inputs. */
+int gelu_backward_colsum(const float *restrict dg, const float *restrict gelu_grad, float *restrict dh,
+                         float *restrict dcol, int64_t N, int64_t C, int threads) {
     if (threads < 1 || N < 2) threads = 1;
     float *partial = dcol ? calloc((size_t)threads * (size_t)C, sizeof(float)) : NULL;
     if (dcol && !partial) return 1;
@@ -203,14 +207,16 @@ int gelu_backward_colsum(const float *restrict dg, const float *restrict h, floa
         share(N, &first, &last);
         float *restrict pc = partial ? partial + (int64_t)t * C : NULL;
         for (int64_t i = first; i < last; i++) {
-            const float *restrict dgr = dg + i * C, *restrict hr = h + i * C;
+            const float *restrict dgr = dg + i * C, *restrict dr = gelu_grad + i * C;
             float *restrict dhr = dh + i * C;
-            for (int64_t j = 0; j < C; j++) {
-                float v = hr[j], s = sigmoid_of_gelu_arg(v);
-                dhr[j] = dgr[j] * (s + v * s * (1.0f - s) * (K0 + 3.0f * K1 * v * v));
-            }
             if (pc) {
-                for (int64_t j = 0; j < C; j++) pc[j] += dhr[j];
+                for (int64_t j = 0; j < C; j++) {
+                    float v = dgr[j] * dr[j];
+                    dhr[j] = v;
+                    pc[j] += v;
+                }
+            } else {
+                for (int64_t j = 0; j < C; j++) dhr[j] = dgr[j] * dr[j];
             }
         }
     }
