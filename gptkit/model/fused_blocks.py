@@ -50,6 +50,8 @@ _SIGNATURES = (
     ("bias_gelu_forward", (POINTER, POINTER, POINTER, SIZE, SIZE, THREADS)),
     ("gelu_backward_colsum", (POINTER, POINTER, POINTER, POINTER, SIZE, SIZE, THREADS), ctypes.c_int),
     ("column_sum", (POINTER, POINTER, SIZE, SIZE, THREADS), ctypes.c_int),
+    ("embed_forward", (POINTER, POINTER, POINTER, POINTER, SIZE, SIZE, SIZE, SIZE, THREADS), ctypes.c_int),
+    ("embed_backward", (POINTER, POINTER, POINTER, POINTER, SIZE, SIZE, SIZE)),
 )
 
 # Arenas kept for this many distinct shapes (least recently used dropped first): training runs
@@ -147,12 +149,42 @@ def _global_hooks() -> bool:
     )
 
 
-def _gather(blocks: nn.ModuleList) -> list[torch.Tensor | None] | None:
-    """All the blocks' parameters (12 per block) when the node may run them, else None."""
-    params: list[torch.Tensor | None] = []
-    for block in blocks:
+def _plain_module(module: nn.Module | None, kind: type) -> bool:
+    return (
+        type(module) is kind
+        and "forward" not in module.__dict__
+        and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                 or module._backward_pre_hooks)
+    )
+
+
+def _plain_embedding(module: nn.Module | None) -> bool:
+    """An nn.Embedding that is a plain table lookup (no padding row, renorm or frequency scaling)."""
+    return (
+        _plain_module(module, nn.Embedding)
+        and module.padding_idx is None
+        and module.max_norm is None
+        and not module.scale_grad_by_freq
+        and not module.sparse
+    )
+
+
+def _gather(model: nn.Module) -> list[torch.Tensor | None] | None:
+    """The trunk's parameters when the node may run it, else None: token and position tables, the
+    final norm's weight and bias, then 12 per block."""
+    mods = model._modules
+    embedding, positions, final_norm = mods.get("token_embedding"), mods.get("position_embedding"), mods.get("final_norm")
+    if not (_plain_embedding(embedding) and _plain_embedding(positions) and _plain_module(final_norm, LayerNorm)):
+        return None
+    if not _plain_module(mods.get("embedding_dropout"), nn.Identity) or model._modules.get("rotary") is not None:
+        return None
+    params: list[torch.Tensor | None] = [
+        embedding._parameters["weight"], positions._parameters["weight"], final_norm._parameters["weight"],
+        final_norm._parameters.get("bias"),
+    ]
+    for block in mods["blocks"]:
         modules = _block_modules(block)
-        if modules is None:
+        if modules is None or not modules[1].eps == modules[5].eps == final_norm.eps:  # one eps for the kernels
             return None
         params.extend(_block_params(modules))
     if not all(_trainable_cpu_float(p) for p in params):
@@ -160,26 +192,28 @@ def _gather(blocks: nn.ModuleList) -> list[torch.Tensor | None] | None:
     return params
 
 
-def plan(blocks: nn.ModuleList, x: torch.Tensor, ctx: AttentionContext) -> list[torch.Tensor | None] | None:
-    """The parameters to hand to ``run`` when it computes exactly what running ``blocks`` one by one
-    on ``x`` (B, T, C) would, else None (then run the blocks as usual)."""
-    if getattr(_state, "off", False) or not torch.is_grad_enabled() or len(blocks) == 0:
+def plan(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor | None] | None:
+    """The parameters to hand to ``run`` when it computes exactly what ``model`` (a GPT) computes
+    from ``tokens`` (B, T) up to its final norm, else None (then run the modules as usual). The
+    caller passes no KV cache."""
+    if getattr(_state, "off", False) or not torch.is_grad_enabled() or not model.training:
         return None
-    if not (ctx.is_causal and ctx.cache is None and ctx.mask is None and ctx.rope is None):
+    blocks = model._modules.get("blocks")
+    if blocks is None or len(blocks) == 0:
         return None
-    if x.dim() != 3 or not 2 <= x.shape[1] <= attention_kernel.MAX_T or type(x) is not torch.Tensor:
+    if type(tokens) is not torch.Tensor or tokens.dtype is not torch.int64 or not tokens.is_cpu:
         return None
-    if not (x.is_cpu and x.dtype is torch.float32) or _global_hooks():
+    if not 2 <= tokens.shape[1] <= min(attention_kernel.MAX_T, model.config.block_size) or _global_hooks():
         return None
     if not _eager() or attention_kernel._forward_ad_active():
         return None
     if not attention_kernel.available() or _library() is None:
         return None
-    return _gather(blocks)
+    return _gather(model)
 
 
-def applies(blocks: nn.ModuleList, x: torch.Tensor, ctx: AttentionContext) -> bool:
-    return plan(blocks, x, ctx) is not None
+def applies(model: nn.Module, tokens: torch.Tensor) -> bool:
+    return plan(model, tokens) is not None
 
 
 # ---------------------------------------------------------------------------------- the arena
@@ -212,11 +246,12 @@ class _Buffers:
 class _Arena:
     """Every activation the forward saves and every scratch matrix the backward needs, for one shape.
 
-    Per layer (N = B T rows): x (the block's input; layer 0 uses the caller's tensor instead), a1 /
+    Per layer (N = B T rows): x (the block's input; for layer 0 the embeddings), a1 /
     m1 / r1 (LayerNorm 1's output, mean and 1/std), qkv, y and lse (attention output and its
     log-sum-exp), xn (the residual after attention), a2 / m2 / r2 (LayerNorm 2), h (MLP
     pre-activation; after the GELU it holds the GELU's derivative there instead, all the backward
-    needs) and g (GELU of h + bias). Scratch for the backward: dg, dh, da, dxn, dy,
+    needs) and g (GELU of h + bias). Then the last residual with the final norm's mean and 1/std.
+    Scratch for the backward: dg, dh, da, dxn, dy,
     dqkv, and dx0 / dx1, the gradient flowing down, alternating between layers."""
 
     def __init__(self, s: _Shape) -> None:
@@ -229,6 +264,7 @@ class _Arena:
             })
             for _ in range(s.layers)
         ]
+        self.final = _Buffers({"x": (N, C), "m": (N,), "r": (N,)})  # the last residual, into the final norm
         self.scratch = _Buffers({
             "dg": (N, s.hidden), "dh": (N, s.hidden), "da": (N, C), "dxn": (N, C), "dy": (N, width),
             "dqkv": (N, s.qkv), "dx0": (N, C), "dx1": (N, C),
@@ -278,40 +314,45 @@ class _Lease:
 _PER_BLOCK = 12  # parameters per block, in _block_params order
 
 
-class _FusedBlocks(torch.autograd.Function):
-    """All blocks forward, then all blocks backward; see the module docstring. Per block, with N rows:
+class _FusedTrunk(torch.autograd.Function):
+    """Embeddings, all blocks and the final norm forward, then all of it backward (see the module
+    docstring). With N = B T rows, x = E[tokens] + P[:T], then per block:
 
         a1 = LN1(x);  qkv = a1 Wqkv^T + bqkv;  y = attention(qkv)
         xn = x + y Wo^T + bo;  a2 = LN2(xn)
         h = a2 Wup^T + bup;  g = gelu(h);  x_next = xn + g Wd^T + bd   (LN1 of the next block fused here)
 
-    The forward keeps gelu'(h) rather than h: the backward's GELU step is then one multiply.
+    and the output is LN_final(x_next of the last block). The forward keeps gelu'(h) rather than h:
+    the backward's GELU step is then one multiply.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, blocks: nn.ModuleList, shape: _Shape, eps: float,  # type: ignore[override]
+    def forward(ctx, tokens: torch.Tensor, model: nn.Module, shape: _Shape, eps: float,  # type: ignore[override]
                 *params: torch.Tensor | None) -> torch.Tensor:
         lib, attn = _library(), attention_kernel._library()
         assert lib is not None and attn is not None
         threads = torch.get_num_threads()
         s = shape
         N, C = s.B * s.T, s.C
-        ctx.save_for_backward(x, *params)  # the input itself: a double backward recomputes from it
+        ctx.save_for_backward(tokens, *params)
         lease = _Lease(s)
         arena = lease.arena
         assert arena is not None
-        out = torch.empty(N, C, dtype=x.dtype)  # the last block's output: the caller's to keep
+        out = torch.empty(N, C, dtype=torch.float32)  # the final norm's output: the caller's to keep
         ptrs = [None if p is None else p.data_ptr() for p in params]
-        x_ptr = x.data_ptr()
-        # LayerNorm 1 of the first block; the later blocks' runs fused with the residual add below.
+        table, positions, final_w, final_b = params[:4]
         first = arena.layers[0].p
-        lib.add_layer_norm(x_ptr, None, None, x_ptr, ptrs[0], ptrs[1], first["a1"], first["m1"], first["r1"], N, C,
-                           eps, threads)
+        if lib.embed_forward(tokens.data_ptr(), ptrs[0], ptrs[1], first["x"], s.B, s.T, C, table.shape[0], threads):
+            lease.give_back()
+            raise IndexError("index out of range in self")  # what nn.Embedding says
+        block_ptrs = ptrs[4:]
+        # LayerNorm 1 of the first block; the later blocks' runs fused with the residual add below.
+        lib.add_layer_norm(first["x"], None, None, first["x"], block_ptrs[0], block_ptrs[1], first["a1"], first["m1"],
+                           first["r1"], N, C, eps, threads)
         for layer in range(s.layers):
-            w1, b1, wqkv, bqkv, wo, bo, w2, b2, wup, bup, wd, bd = params[_PER_BLOCK * layer: _PER_BLOCK * (layer + 1)]
-            pw = ptrs[_PER_BLOCK * layer: _PER_BLOCK * (layer + 1)]
+            w1, b1, wqkv, bqkv, wo, bo, w2, b2, wup, bup, wd, bd = params[4 + _PER_BLOCK * layer:][:_PER_BLOCK]
+            pw = block_ptrs[_PER_BLOCK * layer:][:_PER_BLOCK]
             t, p = arena.layers[layer].t, arena.layers[layer].p
-            x_in = x_ptr if layer == 0 else p["x"]
             if bqkv is not None:
                 torch.addmm(bqkv, t["a1"], wqkv.t(), out=t["qkv"])
             else:
@@ -319,22 +360,21 @@ class _FusedBlocks(torch.autograd.Function):
             attention_kernel._check(attn.attention_forward(p["qkv"], p["y"], p["lse"], s.B, s.T, s.H, s.Hkv, s.D,
                                                            threads))
             torch.mm(t["y"], wo.t(), out=t["xn"])
-            lib.add_layer_norm(x_in, p["xn"], pw[5], p["xn"], pw[6], pw[7], p["a2"], p["m2"], p["r2"], N, C, eps,
+            lib.add_layer_norm(p["x"], p["xn"], pw[5], p["xn"], pw[6], pw[7], p["a2"], p["m2"], p["r2"], N, C, eps,
                                threads)
             torch.mm(t["a2"], wup.t(), out=t["h"])
             lib.bias_gelu_forward(p["h"], pw[9], p["g"], N, s.hidden, threads)
-            if layer == s.layers - 1:
-                torch.mm(t["g"], wd.t(), out=out)
-                lib.add_layer_norm(p["xn"], out.data_ptr(), pw[11], out.data_ptr(), None, None, None, None, None, N,
-                                   C, eps, threads)
+            if layer == s.layers - 1:  # the last residual, then the final norm into out
+                nxt_t, nxt = arena.final.t["x"], arena.final.p
+                norm_w, norm_b, a, m, r = ptrs[2], ptrs[3], out.data_ptr(), nxt["m"], nxt["r"]
             else:
                 following = arena.layers[layer + 1]
-                torch.mm(t["g"], wd.t(), out=following.t["x"])
-                nxt = following.p
-                lib.add_layer_norm(p["xn"], nxt["x"], pw[11], nxt["x"], ptrs[_PER_BLOCK * (layer + 1)],
-                                   ptrs[_PER_BLOCK * (layer + 1) + 1], nxt["a1"], nxt["m1"], nxt["r1"], N, C, eps,
-                                   threads)
-        ctx.lease, ctx.shape, ctx.blocks = lease, s, blocks
+                nxt_t, nxt = following.t["x"], following.p
+                norm_w, norm_b = block_ptrs[_PER_BLOCK * (layer + 1)], block_ptrs[_PER_BLOCK * (layer + 1) + 1]
+                a, m, r = nxt["a1"], nxt["m1"], nxt["r1"]
+            torch.mm(t["g"], wd.t(), out=nxt_t)
+            lib.add_layer_norm(p["xn"], nxt["x"], pw[11], nxt["x"], norm_w, norm_b, a, m, r, N, C, eps, threads)
+        ctx.lease, ctx.shape, ctx.model, ctx.eps = lease, s, model, eps
         return out.view(s.B, s.T, C)
 
     @staticmethod
@@ -344,17 +384,18 @@ class _FusedBlocks(torch.autograd.Function):
         lease: _Lease = ctx.lease
         arena = lease.arena
         if arena is None:
-            raise RuntimeError("the fused blocks' saved activations were already freed by an earlier backward")
+            raise RuntimeError("the fused trunk's saved activations were already freed by an earlier backward")
         lib, attn = _library(), attention_kernel._library()
         assert lib is not None and attn is not None
         threads = torch.get_num_threads()
         s: _Shape = ctx.shape
         N, C = s.B * s.T, s.C
-        x_saved, *params = ctx.saved_tensors
-        x0_ptr = x_saved.data_ptr()
-        ptrs = [None if p is None else p.data_ptr() for p in params]
-        has_bias = params[5] is not None
-        grads: list[torch.Tensor | None] = [None] * len(params)
+        tokens, *params = ctx.saved_tensors
+        table, positions, final_w, final_b = params[:4]
+        block_params = params[4:]
+        ptrs = [None if p is None else p.data_ptr() for p in block_params]
+        has_bias = block_params[5] is not None
+        grads: list[torch.Tensor | None] = [None] * len(block_params)
         st, sp = arena.scratch.t, arena.scratch.p
 
         def new(*size: int) -> torch.Tensor:
@@ -363,17 +404,20 @@ class _FusedBlocks(torch.autograd.Function):
         def ptr(t: torch.Tensor | None) -> int | None:
             return None if t is None else t.data_ptr()
 
-        d_next = grad_out.reshape(N, C)
-        if not d_next.is_contiguous():
-            d_next = d_next.contiguous()
-        d_bd = new(C) if has_bias else None  # the last block's down-projection bias gradient
-        if d_bd is not None:
-            _check(lib.column_sum(d_next.data_ptr(), d_bd.data_ptr(), N, C, threads))
+        d_out = grad_out.reshape(N, C)
+        if not d_out.is_contiguous():
+            d_out = d_out.contiguous()
+        # The final norm; its column sums are the last block's down-projection bias gradient.
+        d_final_w, d_final_b = new(C), new(C) if final_b is not None else None
+        d_bd = new(C) if has_bias else None
+        d_next = st[f"dx{s.layers % 2}"]  # the layers below alternate between dx0 and dx1
+        _check(lib.layer_norm_backward(d_out.data_ptr(), arena.final.p["x"], arena.final.p["m"], arena.final.p["r"],
+                                       final_w.data_ptr(), None, d_next.data_ptr(), d_final_w.data_ptr(),
+                                       ptr(d_final_b), ptr(d_bd), N, C, threads))
         for layer in reversed(range(s.layers)):
-            w1, b1, wqkv, bqkv, wo, bo, w2, b2, wup, bup, wd, bd = params[_PER_BLOCK * layer: _PER_BLOCK * (layer + 1)]
-            pw = ptrs[_PER_BLOCK * layer: _PER_BLOCK * (layer + 1)]
+            w1, b1, wqkv, bqkv, wo, bo, w2, b2, wup, bup, wd, bd = block_params[_PER_BLOCK * layer:][:_PER_BLOCK]
+            pw = ptrs[_PER_BLOCK * layer:][:_PER_BLOCK]
             t, p = arena.layers[layer].t, arena.layers[layer].p
-            x_in = x0_ptr if layer == 0 else p["x"]
             # MLP: x_next = xn + gelu(a2 Wup^T + bup) Wd^T + bd
             torch.mm(d_next, wd, out=st["dg"])
             d_wd = torch.mm(d_next.t(), t["g"])
@@ -396,42 +440,47 @@ class _FusedBlocks(torch.autograd.Function):
             torch.mm(st["dqkv"], wqkv, out=st["da"])
             d_wqkv = torch.mm(st["dqkv"].t(), t["a1"])
             # LayerNorm 1 and the residual; its column sums are the previous block's down bias gradient
-            d_x = new(N, C) if layer == 0 else st[f"dx{layer % 2}"]
+            d_x = st[f"dx{layer % 2}"]
             d_w1, d_b1 = new(C), new(C) if b1 is not None else None
             d_bd_below = new(C) if has_bias and layer > 0 else None
-            _check(lib.layer_norm_backward(sp["da"], x_in, p["m1"], p["r1"], pw[0], sp["dxn"], d_x.data_ptr(),
+            _check(lib.layer_norm_backward(sp["da"], p["x"], p["m1"], p["r1"], pw[0], sp["dxn"], d_x.data_ptr(),
                                            d_w1.data_ptr(), ptr(d_b1), ptr(d_bd_below), N, C, threads))
             grads[_PER_BLOCK * layer: _PER_BLOCK * (layer + 1)] = [
                 d_w1, d_b1, d_wqkv, d_bqkv, d_wo, d_bo, d_w2, d_b2, d_wup, d_bup, d_wd, d_bd,
             ]
             d_next, d_bd = d_x, d_bd_below
+        # The embeddings: scatter-add into the token table, sum over the batch into the position table.
+        d_table, d_positions = torch.zeros_like(table), torch.zeros_like(positions)
+        lib.embed_backward(tokens.data_ptr(), d_next.data_ptr(), d_table.data_ptr(), d_positions.data_ptr(), s.B, s.T,
+                           C)
         if not torch._C._autograd._get_current_graph_task_keep_graph():
             lease.give_back()  # retain_graph=True keeps it until the graph itself is freed
-        return (d_next.view(s.B, s.T, C), None, None, None, *grads)
+        return (None, None, None, None, d_table, d_positions, d_final_w, d_final_b, *grads)
 
 
 def _recomputed_backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """The backward as a graph of ATen ops (double backward, e.g. a gradient penalty): the blocks
-    run again module by module from the saved input, and autograd differentiates that."""
-    x0, *params = ctx.saved_tensors
-    s: _Shape = ctx.shape
+    """The backward as a graph of ATen ops (double backward, e.g. a gradient penalty): the trunk runs
+    again module by module, and autograd differentiates that."""
+    tokens, *params = ctx.saved_tensors
+    model = ctx.model
     attention = AttentionContext(rope=None, mask=None, is_causal=True, cache=None)
     with unfused():
-        x = x0
-        for layer, block in enumerate(ctx.blocks):
+        x = model.token_embedding(tokens) + model.position_embedding.weight[: tokens.shape[1]]
+        for layer, block in enumerate(model.blocks):
             x = block(x, layer, attention)
-        wanted = [x0, *(p for p in params if p is not None)]
+        x = model.final_norm(x)
+        wanted = [p for p in params if p is not None]
         found = iter(torch.autograd.grad(x, wanted, grad_out, create_graph=True, allow_unused=True))
-    d_x0 = next(found)
-    grads = [None if p is None else next(found) for p in params]
-    return (d_x0, None, None, None, *grads)
+    return (None, None, None, None, *(None if p is None else next(found) for p in params))
 
 
-def run(blocks: nn.ModuleList, x: torch.Tensor, params: list[torch.Tensor | None]) -> torch.Tensor:
-    """The blocks applied to ``x`` (B, T, C) as one autograd node; ``params`` is what ``plan`` returned."""
+def run(model: nn.Module, tokens: torch.Tensor, params: list[torch.Tensor | None]) -> torch.Tensor:
+    """``model.final_norm`` of the blocks over the embeddings of ``tokens`` (B, T) -> (B, T, C), as one
+    autograd node; ``params`` is what ``plan`` returned."""
+    blocks = model.blocks
     first: Block = blocks[0]
     attn = first.attn
-    B, T, C = x.shape
-    shape = _Shape(B=B, T=T, C=C, qkv=attn.qkv.out_features, hidden=first.mlp.up.out_features, H=attn.n_head,
-                   Hkv=attn.n_kv_head, layers=len(blocks))
-    return _FusedBlocks.apply(x.contiguous(), blocks, shape, first.attn_norm.eps, *params)
+    B, T = tokens.shape
+    shape = _Shape(B=B, T=T, C=model.config.d_model, qkv=attn.qkv.out_features, hidden=first.mlp.up.out_features,
+                   H=attn.n_head, Hkv=attn.n_kv_head, layers=len(blocks))
+    return _FusedTrunk.apply(tokens.contiguous(), model, shape, model.final_norm.eps, *params)

@@ -107,6 +107,13 @@ class GPT(nn.Module):
                 is_causal = False
         elif T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        else:
+            fused = fused_blocks.plan(self, tokens)
+            if fused is not None:
+                # CPU float32 training of GPT-2: embeddings, blocks and final norm as one autograd
+                # node with fused kernels (the same numbers, faster steps); see fused_blocks.py.
+                x = fused_blocks.run(self, tokens, fused)
+                return self.lm_head(x[:, -1:, :] if last_only else x)
 
         x = self.token_embedding(tokens)  # (B, T, C)
         if self.position_embedding is not None:
@@ -118,14 +125,8 @@ class GPT(nn.Module):
 
         rope = self.rotary.tables(positions, T) if self.rotary is not None else None
         ctx = AttentionContext(rope=rope, mask=mask, is_causal=is_causal, cache=kv_cache)
-        fused_params = fused_blocks.plan(self.blocks, x, ctx)
-        if fused_params is not None:
-            # CPU float32 training of GPT-2 blocks: all blocks as one node with fused kernels (the
-            # same numbers, faster steps); see gptkit/model/fused_blocks.py.
-            x = fused_blocks.run(self.blocks, x, fused_params)
-        else:
-            for layer, block in enumerate(self.blocks):
-                x = block(x, layer, ctx)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, layer, ctx)
         if kv_cache is not None:
             kv_cache.end_step()
 

@@ -1,6 +1,6 @@
-"""The fused CPU training path (gptkit/model/fused_blocks.py) computes what the blocks compute one
-module at a time, forward and backward, step after step; it runs only where it is that computation,
-and leaves every other case to the modules."""
+"""The fused CPU training path (gptkit/model/fused_blocks.py: embeddings, blocks and final norm as
+one autograd node) computes what the modules compute one at a time, forward and backward, step
+after step; it runs only where it is that computation, and leaves every other case to the modules."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def gradients(model: GPT) -> dict[str, torch.Tensor]:
 
 def test_the_kernels_build_and_the_default_model_takes_the_fused_path() -> None:
     model, _ = model_and_copy()
-    assert fused_blocks.applies(model.blocks, torch.randn(2, 16, 32), CAUSAL)
+    assert fused_blocks.applies(model, torch.randint(0, 61, (2, 16)))
 
 
 @pytest.mark.parametrize(
@@ -235,6 +235,17 @@ def test_cases_it_leaves_to_the_modules(monkeypatch: pytest.MonkeyPatch) -> None
     handle = model.blocks[0].attn.register_forward_hook(lambda *args: None)  # a hook would be skipped
     model(tokens).sum().backward()
     handle.remove()
+    handle = model.final_norm.register_forward_pre_hook(lambda *args: None)
+    model(tokens).sum().backward()
+    handle.remove()
+    model.position_embedding.weight.requires_grad_(False)  # frozen embeddings
+    model(tokens).sum().backward()
+    model.position_embedding.weight.requires_grad_(True)
+    model.token_embedding.padding_idx = 0  # a padding row has no gradient in nn.Embedding
+    model(tokens).sum().backward()
+    model.token_embedding.padding_idx = None
+    with pytest.raises(ValueError, match="exceeds block_size"):  # longer than the context: the usual error
+        model(torch.randint(0, 61, (2, SMALL.block_size + 1)))
     cache = model.new_kv_cache(2)
     with torch.no_grad():
         model(tokens, kv_cache=cache)
@@ -255,10 +266,30 @@ def test_torch_compile_traces_the_modules(monkeypatch: pytest.MonkeyPatch) -> No
     x = torch.randn(2, 8, 32)
     seen: list[bool] = []
 
-    def blocks_forward(x: torch.Tensor) -> torch.Tensor:
-        seen.append(fused_blocks.applies(model.blocks, x, CAUSAL))
+    def check(x: torch.Tensor) -> torch.Tensor:
+        seen.append(fused_blocks.applies(model, tokens))
         return x * 2
 
-    compiled = torch.compile(blocks_forward, backend="eager")
+    tokens = torch.randint(0, 61, (2, 8))
+    compiled = torch.compile(check, backend="eager")
     compiled(x)
     assert seen == [False]
+    assert fused_blocks.applies(model, tokens)  # and yes outside
+
+
+def test_a_token_id_out_of_range_is_nn_embeddings_error_and_loses_nothing() -> None:
+    model, _ = model_and_copy()
+    tokens = torch.randint(0, 61, (2, 12))
+    loss_of(model, tokens).backward()  # an arena waits in the pool
+    bad = tokens.clone()
+    bad[1, 5] = 61
+    with pytest.raises(IndexError, match="index out of range"):
+        model(bad)
+    with fused_blocks.unfused(), pytest.raises(IndexError, match="index out of range"):
+        model(bad)
+    bad[1, 5] = -1
+    with pytest.raises(IndexError, match="index out of range"):
+        model(bad)
+    model.zero_grad(set_to_none=True)
+    loss_of(model, tokens).backward()  # and the next step is fine
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -247,3 +247,34 @@ int column_sum(const float *restrict x, float *restrict out, int64_t N, int64_t 
     free(partial);
     return 0;
 }
+
+/* x[b, t] = E[tokens[b, t]] + P[t] for the N = B T tokens (rows of C floats). Returns 1, writing
+ * nothing more, at the first token id outside [0, V). */
+int embed_forward(const int64_t *restrict tokens, const float *restrict E, const float *restrict P,
+                  float *restrict x, int64_t B, int64_t T, int64_t C, int64_t V, int threads) {
+    for (int64_t i = 0; i < B * T; i++) {
+        if (tokens[i] < 0 || tokens[i] >= V) return 1;
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && B * T > 1)
+    for (int64_t i = 0; i < B * T; i++) {
+        const float *e = E + tokens[i] * C, *p = P + (i % T) * C;
+        float *xr = x + i * C;
+        for (int64_t j = 0; j < C; j++) xr[j] = e[j] + p[j];
+    }
+    return 0;
+}
+
+/* The backward of embed_forward: dE[tokens[b, t]] += dx[b, t] and dP[t] += dx[b, t], over the
+ * rows in order (one thread: a token may repeat, and the sums must not depend on scheduling). dE
+ * and dP come zeroed or hold gradients to add to. */
+void embed_backward(const int64_t *restrict tokens, const float *restrict dx, float *restrict dE,
+                    float *restrict dP, int64_t B, int64_t T, int64_t C) {
+    for (int64_t i = 0; i < B * T; i++) {
+        const float *d = dx + i * C;
+        float *e = dE + tokens[i] * C, *p = dP + (i % T) * C;
+        for (int64_t j = 0; j < C; j++) {
+            e[j] += d[j];
+            p[j] += d[j];
+        }
+    }
+}
