@@ -9,6 +9,7 @@ from other processes hits all of them alike; each reports the median over rounds
     python benchmarks/train_throughput.py            # both shapes, a few minutes on 2 CPU cores
     python benchmarks/train_throughput.py --quick    # smoke test, < 60 s
     python benchmarks/train_throughput.py --compile  # adds a torch.compile'd gptkit row
+    python benchmarks/train_throughput.py --unfused  # adds gptkit run module by module (no fused trunk)
 
 A third row, "plain PyTorch GPT (nanoGPT-style)" (``_plain_gpt.py``: nn.Linear, nn.LayerNorm, F.gelu,
 SDPA; the same weights), shows what the same model costs in straightforward PyTorch on this machine
@@ -37,7 +38,7 @@ from _common import (  # noqa: E402
 
 from _plain_gpt import PlainGPT  # noqa: E402
 
-from gptkit.model import GPT, ModelConfig, preset_values
+from gptkit.model import GPT, ModelConfig, fused_blocks, preset_values
 from gptkit.model.hf import to_hf
 from gptkit.train.optim import parameter_groups
 
@@ -103,7 +104,16 @@ def flops_per_token(config: ModelConfig, model: GPT) -> tuple[float, int]:
     return 6.0 * matmul_params + attention, matmul_params
 
 
-def build_impls(config: ModelConfig, *, compile_gptkit: bool, plain: bool = True) -> tuple[list[Impl], GPT]:
+UNFUSED_NAME = "gptkit GPT, module by module"
+
+
+def unfused_logits(model: GPT, x: torch.Tensor) -> torch.Tensor:
+    with fused_blocks.unfused():  # the same kernels, without the fused trunk node
+        return model(x)
+
+
+def build_impls(config: ModelConfig, *, compile_gptkit: bool, plain: bool = True,
+                unfused: bool = False) -> tuple[list[Impl], GPT]:
     torch.manual_seed(0)
     gk = GPT(config).train()
     hf = to_hf(gk)  # identical weights; eval mode and fp32 like the source
@@ -115,6 +125,9 @@ def build_impls(config: ModelConfig, *, compile_gptkit: bool, plain: bool = True
         Impl("gptkit GPT", gk, lambda x: gk(x)),
         Impl("HF GPT2LMHeadModel (sdpa)", hf, lambda x: hf(input_ids=x).logits),
     ]
+    if unfused:
+        separate = copy.deepcopy(gk)
+        impls.append(Impl(UNFUSED_NAME, separate, lambda x: unfused_logits(separate, x)))
     if plain:
         reference = PlainGPT(config).train()
         reference.load_state_dict(gk.state_dict())  # the same names, so the same weights
@@ -125,10 +138,11 @@ def build_impls(config: ModelConfig, *, compile_gptkit: bool, plain: bool = True
     return impls, gk
 
 
-def run_shape(shape: Shape, *, compile_gptkit: bool, plain: bool, peak: float) -> tuple[list[list[object]], list[str]]:
+def run_shape(shape: Shape, *, compile_gptkit: bool, plain: bool, unfused: bool,
+              peak: float) -> tuple[list[list[object]], list[str]]:
     config = shape.config
     log(f"[{shape.name}] building models")
-    impls, gk = build_impls(config, compile_gptkit=compile_gptkit, plain=plain)
+    impls, gk = build_impls(config, compile_gptkit=compile_gptkit, plain=plain, unfused=unfused)
     fpt, matmul_params = flops_per_token(config, gk)
     tokens_per_step = shape.batch * config.block_size
 
@@ -240,6 +254,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few steps, GPT-2 at batch 1: a smoke test (< 60 s)")
     parser.add_argument("--shapes", default="char,gpt2", help="comma-separated subset of: char, gpt2")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile'd gptkit row")
+    parser.add_argument("--unfused", action="store_true",
+                        help="add a row of gptkit's model run module by module (without the fused trunk node)")
     parser.add_argument("--no-plain", action="store_true",
                         help="leave out the plain PyTorch (nanoGPT-style) reference row")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
@@ -278,7 +294,8 @@ def main() -> None:
     peak_before = matmul_peak_flops()
     results, notes = [], []
     for shape in shapes:
-        rows, shape_notes = run_shape(shape, compile_gptkit=args.compile, plain=not args.no_plain, peak=peak_before)
+        rows, shape_notes = run_shape(shape, compile_gptkit=args.compile, plain=not args.no_plain,
+                                      unfused=args.unfused, peak=peak_before)
         results.extend(rows)
         notes.extend(shape_notes)
     peak_after = matmul_peak_flops()
