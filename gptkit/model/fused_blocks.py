@@ -20,7 +20,7 @@ The numbers are those of the module-by-module forward within float32 rounding (t
 and backward, against it and against float64). It runs only where it computes exactly what the
 modules would (``plan``): GPT-2 (learned positions, LayerNorm, tanh-GELU MLP; no RoPE or qk-norm),
 no dropout, no KV cache, CPU float32 parameters all trainable, no hooks or replaced forwards in
-the trunk's modules, training mode with gradients on, eager mode (not torch.compile, functorch or
+the trunk's modules, training mode with gradients on and no autocast, eager mode (not torch.compile, functorch or
 forward-mode AD), 2 <= T <= the attention kernel's limit, and the kernels built. Everywhere else
 the modules run one by one as usual; ``unfused()`` forces that (tests, benchmarks). A double
 backward (``create_graph=True``) recomputes the trunk through the modules and differentiates that.
@@ -209,8 +209,8 @@ def plan(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor | None] | 
         return None
     if not 2 <= tokens.shape[1] <= min(attention_kernel.MAX_T, model.config.block_size) or _global_hooks():
         return None
-    if not _eager() or attention_kernel._forward_ad_active():
-        return None
+    if not _eager() or attention_kernel._forward_ad_active() or torch.is_autocast_enabled("cpu"):
+        return None  # (under autocast the modules compute in bfloat16 / float16)
     if not attention_kernel.available() or _library() is None:
         return None
     return _gather(model)

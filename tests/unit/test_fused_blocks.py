@@ -246,6 +246,8 @@ def test_cases_it_leaves_to_the_modules(monkeypatch: pytest.MonkeyPatch) -> None
     model.token_embedding.padding_idx = None
     with pytest.raises(ValueError, match="exceeds block_size"):  # longer than the context: the usual error
         model(torch.randint(0, 61, (2, SMALL.block_size + 1)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision: the modules compute in bfloat16
+        model(tokens).float().sum().backward()
     cache = model.new_kv_cache(2)
     with torch.no_grad():
         model(tokens, kv_cache=cache)
