@@ -186,14 +186,47 @@ def _gather(model: nn.Module) -> list[torch.Tensor | None] | None:
         embedding._parameters["weight"], positions._parameters["weight"], final_norm._parameters["weight"],
         final_norm._parameters.get("bias"),
     ]
+    first: list[nn.Module] | None = None
     for block in mods["blocks"]:
         modules = _block_modules(block)
         if modules is None or not modules[1].eps == modules[5].eps == final_norm.eps:  # one eps for the kernels
             return None
+        if first is None:
+            first = modules
+        elif (modules[2].n_head, modules[2].n_kv_head, modules[2].head_dim) != (
+            first[2].n_head, first[2].n_kv_head, first[2].head_dim
+        ):
+            return None  # the node takes one head layout for all blocks (run() reads block 0's)
         params.extend(_block_params(modules))
-    if not all(_trainable_cpu_float(p) for p in params):
+    if not all(_trainable_cpu_float(p) for p in params) or first is None:
+        return None
+    if not _shapes_fit(params, first[2]):
         return None
     return params
+
+
+def _shapes_fit(params: list[torch.Tensor | None], attn: CausalSelfAttention) -> bool:
+    """Whether every parameter has the shape the node's buffers and kernels assume: the widths of
+    block 0 in every block (a model with blocks of different widths runs module by module), and
+    tables of width C. Buffers are sized from block 0 and torch.mm(out=...) would resize one
+    (leaving the kernels a stale address) rather than fail."""
+    table, positions, final_w, final_b = params[:4]
+    C = table.shape[1]
+    qkv, hidden = params[4 + 2].shape[0], params[4 + 8].shape[0]
+    width = attn.n_head * attn.head_dim
+    if qkv != (attn.n_head + 2 * attn.n_kv_head) * attn.head_dim or attn.n_head % attn.n_kv_head:
+        return False
+    want = [(C,), (C,), (qkv, C), (qkv,), (C, width), (C,), (C,), (C,), (hidden, C), (hidden,), (C, hidden), (C,)]
+    if table.dim() != 2 or positions.dim() != 2 or positions.shape[1] != C or final_w.shape != (C,):
+        return False
+    if final_b is not None and final_b.shape != (C,):
+        return False
+    blocks = params[4:]
+    for start in range(0, len(blocks), _PER_BLOCK):
+        for p, shape in zip(blocks[start:start + _PER_BLOCK], want):
+            if p is not None and p.shape != shape:
+                return False
+    return True
 
 
 def plan(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor | None] | None:
@@ -213,7 +246,10 @@ def plan(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor | None] | 
         return None  # (under autocast the modules compute in bfloat16 / float16)
     if not attention_kernel.available() or _library() is None:
         return None
-    return _gather(model)
+    params = _gather(model)
+    if params is None or params[1].shape[0] < tokens.shape[1]:  # too few positions: the modules' error
+        return None
+    return params
 
 
 def applies(model: nn.Module, tokens: torch.Tensor) -> bool:
@@ -277,7 +313,7 @@ class _Arena:
 
 
 _pool: OrderedDict[_Shape, list[_Arena]] = OrderedDict()
-_pool_lock = threading.Lock()
+_pool_lock = threading.RLock()  # re-entrant: a garbage-collected lease may hand back while the lock is held
 
 
 def _take(shape: _Shape) -> _Arena:
@@ -399,7 +435,10 @@ class _FusedTrunk(torch.autograd.Function):
         table, positions, final_w, final_b = params[:4]
         block_params = params[4:]
         ptrs = [None if p is None else p.data_ptr() for p in block_params]
-        has_bias = block_params[5] is not None
+
+        def has_down_bias(layer: int) -> bool:
+            return block_params[_PER_BLOCK * layer + 11] is not None
+
         grads: list[torch.Tensor | None] = [None] * len(block_params)
         st, sp = arena.scratch.t, arena.scratch.p
 
@@ -414,7 +453,7 @@ class _FusedTrunk(torch.autograd.Function):
             d_out = d_out.contiguous()
         # The final norm; its column sums are the last block's down-projection bias gradient.
         d_final_w, d_final_b = new(C), new(C) if final_b is not None else None
-        d_bd = new(C) if has_bias else None
+        d_bd = new(C) if has_down_bias(s.layers - 1) else None
         d_next = st[f"dx{s.layers % 2}"]  # the layers below alternate between dx0 and dx1
         _check(lib.layer_norm_backward(d_out.data_ptr(), arena.final.p["x"], arena.final.p["m"], arena.final.p["r"],
                                        final_w.data_ptr(), None, d_next.data_ptr(), d_final_w.data_ptr(),
@@ -447,7 +486,7 @@ class _FusedTrunk(torch.autograd.Function):
             # LayerNorm 1 and the residual; its column sums are the previous block's down bias gradient
             d_x = st[f"dx{layer % 2}"]
             d_w1, d_b1 = new(C), new(C) if b1 is not None else None
-            d_bd_below = new(C) if has_bias and layer > 0 else None
+            d_bd_below = new(C) if layer > 0 and has_down_bias(layer - 1) else None
             _check(lib.layer_norm_backward(sp["da"], p["x"], p["m1"], p["r1"], pw[0], sp["dxn"], d_x.data_ptr(),
                                            d_w1.data_ptr(), ptr(d_b1), ptr(d_bd_below), N, C, threads))
             grads[_PER_BLOCK * layer: _PER_BLOCK * (layer + 1)] = [
@@ -486,6 +525,6 @@ def run(model: nn.Module, tokens: torch.Tensor, params: list[torch.Tensor | None
     first: Block = blocks[0]
     attn = first.attn
     B, T = tokens.shape
-    shape = _Shape(B=B, T=T, C=model.config.d_model, qkv=attn.qkv.out_features, hidden=first.mlp.up.out_features,
+    shape = _Shape(B=B, T=T, C=params[0].shape[1], qkv=attn.qkv.out_features, hidden=first.mlp.up.out_features,
                    H=attn.n_head, Hkv=attn.n_kv_head, layers=len(blocks))
     return _FusedTrunk.apply(tokens.contiguous(), model, shape, model.final_norm.eps, *params)

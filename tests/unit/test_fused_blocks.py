@@ -295,3 +295,73 @@ def test_a_token_id_out_of_range_is_nn_embeddings_error_and_loses_nothing() -> N
     model.zero_grad(set_to_none=True)
     loss_of(model, tokens).backward()  # and the next step is fine
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_autocast_runs_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.precision bf16/fp16 on CPU: the modules run their matmuls in the lower precision under
+    autocast; the node (float32 throughout) would silently ignore it."""
+    FusedCalls(monkeypatch, allowed=False)
+    model, _ = model_and_copy()
+    tokens = torch.randint(0, 61, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused_blocks.applies(model, tokens)
+        loss_of(model, tokens).backward()
+
+
+@pytest.mark.parametrize(
+    "strip",
+    [lambda m: setattr(m.blocks[0].attn.out, "bias", None), lambda m: setattr(m.blocks[2].mlp.down, "bias", None)],
+    ids=["no out bias in block 0", "no down bias in block 2"],
+)
+def test_biases_removed_from_some_linears_only(strip) -> None:
+    """Each block's down-projection bias gets its own gradient, whatever the other biases are."""
+    fused, modules = model_and_copy()
+    strip(fused)
+    strip(modules)
+    tokens = torch.randint(0, 61, (2, 17), generator=torch.Generator().manual_seed(1))
+    assert fused_blocks.applies(fused, tokens)
+    loss_of(fused, tokens).backward()
+    with fused_blocks.unfused():
+        loss_of(modules, tokens).backward()
+    for (name, p), q in zip(fused.named_parameters(), modules.parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=2e-5, atol=2e-6, msg=name)
+
+
+def test_blocks_of_different_shapes_run_module_by_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node sizes its buffers and head split from block 0: a block with other head counts or
+    another MLP width (pruned, distilled) must leave the model to the modules."""
+    from torch import nn
+
+    from gptkit.model.layers import CausalSelfAttention
+
+    FusedCalls(monkeypatch, allowed=False)
+    tokens = torch.randint(0, 61, (2, 17))
+    model, _ = model_and_copy()
+    model.blocks[1].attn = CausalSelfAttention(dataclasses.replace(SMALL, n_head=2)).train()  # same shapes
+    loss_of(model, tokens).backward()
+    model, _ = model_and_copy()
+    model.blocks[1].mlp.up, model.blocks[1].mlp.down = nn.Linear(32, 256), nn.Linear(256, 32)
+    loss_of(model, tokens).backward()
+
+
+def test_a_position_table_shorter_than_the_sequence_is_the_modules_error() -> None:
+    model, _ = model_and_copy()
+    model.config = dataclasses.replace(model.config, block_size=80)  # the table keeps its 40 rows
+    tokens = torch.randint(0, 61, (2, 60))
+    with pytest.raises(RuntimeError, match="must match the size"):
+        model(tokens)
+
+
+def test_an_overflowing_residual_stream_is_nan_as_in_the_modules() -> None:
+    """Rows whose LayerNorm variance overflows come out NaN (so the Trainer's divergence check
+    fires), not 1/sqrt(inf) = 0."""
+    fused, modules = model_and_copy()
+    for model in (fused, modules):
+        with torch.no_grad():
+            model.blocks[0].mlp.down.weight.mul_(1e38)
+    tokens = torch.randint(0, 61, (2, 17), generator=torch.Generator().manual_seed(1))
+    assert fused_blocks.applies(fused, tokens)
+    with fused_blocks.unfused():
+        assert not torch.isfinite(loss_of(modules, tokens))
+    assert not torch.isfinite(loss_of(fused, tokens))

@@ -55,6 +55,23 @@ static void reduce_partials(const float *partial, int threads, int64_t count, fl
     }
 }
 
+/* 1/sqrt(v), or NaN when v or mu is not finite (the row's sum or sum of squares overflowed): the
+ * row's output is then NaN, as ATen's LayerNorm gives, not 1/sqrt(inf) = 0, which would turn an
+ * overflowing residual stream into finite zeros and hide the divergence. Tested on the bits:
+ * -ffinite-math-only lets the compiler fold isfinite(). */
+static inline float rstd_or_nan(float v, float mu) {
+    uint32_t bv, bm;
+    memcpy(&bv, &v, sizeof bv);
+    memcpy(&bm, &mu, sizeof bm);
+    if ((bv & 0x7f800000u) == 0x7f800000u || (bm & 0x7f800000u) == 0x7f800000u) {
+        const uint32_t quiet_nan = 0x7fc00000u;
+        float n;
+        memcpy(&n, &quiet_nan, sizeof n);
+        return n;
+    }
+    return 1.0f / sqrtf(v);
+}
+
 /* p[0..7] = v (an unaligned store) */
 static inline void put8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
 
@@ -89,7 +106,7 @@ void add_layer_norm(const float *x, const float *p, const float *bias, float *xn
         }
         float var = sum8(acc);
         for (; j < C; j++) var += (xnr[j] - mu) * (xnr[j] - mu);
-        const float r = 1.0f / sqrtf(var / (float)C + eps);
+        const float r = rstd_or_nan(var / (float)C + eps, mu);
         float *ar = a + i * C;
         for (j = 0; j + 8 <= C; j += 8) {
             v8f v = (load8(xnr + j) - mu) * r * load8(w + j);
