@@ -38,7 +38,7 @@ from _common import (  # noqa: E402
 
 from _plain_gpt import PlainGPT  # noqa: E402
 
-from gptkit.model import GPT, ModelConfig, fused_blocks, preset_values
+from gptkit.model import GPT, ModelConfig, fused_trunk, preset_values
 from gptkit.model.hf import to_hf
 from gptkit.train.optim import parameter_groups
 
@@ -108,7 +108,7 @@ UNFUSED_NAME = "gptkit GPT, module by module"
 
 
 def unfused_logits(model: GPT, x: torch.Tensor) -> torch.Tensor:
-    with fused_blocks.unfused():  # the same kernels, without the fused trunk node
+    with fused_trunk.unfused():  # the same kernels, without the fused trunk node
         return model(x)
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gptkit.config import ModelConfig
-from gptkit.model import fused_blocks
+from gptkit.model import fused_trunk
 from gptkit.model.kv_cache import KVCache
 from gptkit.model.layers import AttentionContext, Block, RotaryEmbedding, make_norm
 
@@ -108,11 +108,11 @@ class GPT(nn.Module):
         elif T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         else:
-            fused = fused_blocks.plan(self, tokens)
+            fused = fused_trunk.plan(self, tokens)
             if fused is not None:
                 # CPU float32 training of GPT-2: embeddings, blocks and final norm as one autograd
-                # node with fused kernels (the same numbers, faster steps); see fused_blocks.py.
-                x = fused_blocks.run(self, tokens, fused)
+                # node with fused kernels (the same numbers, faster steps); see fused_trunk.py.
+                x = fused_trunk.run(self, tokens, fused)
                 return self.lm_head(x[:, -1:, :] if last_only else x)
 
         x = self.token_embedding(tokens)  # (B, T, C)

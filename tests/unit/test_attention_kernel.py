@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptkit.model import GPT, ModelConfig, attention_kernel, fused_blocks
+from gptkit.model import GPT, ModelConfig, attention_kernel, fused_trunk
 from gptkit.model.layers import AttentionContext, CausalSelfAttention
 
 REPO = Path(__file__).resolve().parents[2]
@@ -215,8 +215,8 @@ def test_model_training_steps_match_sdpa(monkeypatch: pytest.MonkeyPatch, overri
     tokens = torch.randint(0, 61, (7, 25), generator=torch.Generator().manual_seed(5)).expand(6, 7, 25)
 
     def train(use_kernel: bool) -> list[float]:
-        # Module by module: the fused training node (test_fused_blocks.py) would call the kernel itself.
-        with monkeypatch.context() as patch, fused_blocks.unfused():
+        # Module by module: the fused training node (test_fused_trunk.py) would call the kernel itself.
+        with monkeypatch.context() as patch, fused_trunk.unfused():
             calls = KernelCalls(patch)
             if not use_kernel:
                 without_kernel(patch)

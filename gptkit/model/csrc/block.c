@@ -1,5 +1,5 @@
 /* The row-wise steps of a GPT-2 block's forward and backward for CPU training, each fused into one
- * pass over the activations (see gptkit/model/fused_blocks.py, which calls them between the
+ * pass over the activations (see gptkit/model/fused_trunk.py, which calls them between the
  * matmuls).
  *
  * Unfused, a sublayer's output projection adds its bias (a copy into the matmul's output), then

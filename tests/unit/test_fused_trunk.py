@@ -1,4 +1,4 @@
-"""The fused CPU training path (gptkit/model/fused_blocks.py: embeddings, blocks and final norm as
+"""The fused CPU training path (gptkit/model/fused_trunk.py: embeddings, blocks and final norm as
 one autograd node) computes what the modules compute one at a time, forward and backward, step
 after step; it runs only where it is that computation, and leaves every other case to the modules."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptkit.model import GPT, ModelConfig, fused_blocks
+from gptkit.model import GPT, ModelConfig, fused_trunk
 from gptkit.model.layers import AttentionContext
 
 pytestmark = pytest.mark.skipif(
@@ -25,18 +25,18 @@ CAUSAL = AttentionContext(rope=None, mask=None, is_causal=True, cache=None)
 
 
 class FusedCalls:
-    """Counts the fused node's forwards (and can forbid them) by wrapping ``fused_blocks.run``."""
+    """Counts the fused node's forwards (and can forbid them) by wrapping ``fused_trunk.run``."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *, allowed: bool = True) -> None:
         self.count = 0
-        original = fused_blocks.run
+        original = fused_trunk.run
 
         def counting(*args, **kwargs):
             assert allowed, "the fused blocks ran where they must not"
             self.count += 1
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(fused_blocks, "run", counting)
+        monkeypatch.setattr(fused_trunk, "run", counting)
 
 
 def model_and_copy(seed: int = 0, **overrides) -> tuple[GPT, GPT]:
@@ -56,7 +56,7 @@ def gradients(model: GPT) -> dict[str, torch.Tensor]:
 
 def test_the_kernels_build_and_the_default_model_takes_the_fused_path() -> None:
     model, _ = model_and_copy()
-    assert fused_blocks.applies(model, torch.randint(0, 61, (2, 16)))
+    assert fused_trunk.applies(model, torch.randint(0, 61, (2, 16)))
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def test_forward_and_gradients_match_the_modules(overrides: dict, B: int, T: int
     tokens = torch.randint(0, 61, (B, T + 1), generator=torch.Generator().manual_seed(1))
     loss_fused = loss_of(fused, tokens)
     loss_fused.backward()
-    with fused_blocks.unfused():
+    with fused_trunk.unfused():
         loss_modules = loss_of(modules, tokens)
         loss_modules.backward()
     torch.testing.assert_close(loss_fused, loss_modules, rtol=1e-6, atol=1e-6)
@@ -91,7 +91,7 @@ def test_as_close_to_float64_as_the_modules_are() -> None:
     exact = copy.deepcopy(modules).double()
     tokens = torch.randint(0, 61, (4, 41), generator=torch.Generator().manual_seed(2))
     loss_of(fused, tokens).backward()
-    with fused_blocks.unfused():
+    with fused_trunk.unfused():
         loss_of(modules, tokens).backward()
     loss_of(exact, tokens).backward()
     for (name, p_fused), p_modules, p_exact in zip(fused.named_parameters(), modules.parameters(), exact.parameters()):
@@ -121,7 +121,7 @@ def test_training_steps_reuse_the_arena_and_match_the_modules(monkeypatch: pytes
 
     with_node = train(fused)
     assert calls.count == len(batches)
-    with fused_blocks.unfused():
+    with fused_trunk.unfused():
         with_modules = train(modules)
     assert calls.count == len(batches)
     assert with_node[-1] < with_node[0]  # it trains
@@ -150,7 +150,7 @@ def test_two_graphs_alive_at_once_each_get_their_own_activations() -> None:
     fused.zero_grad(set_to_none=True)
     loss_a, loss_b = loss_of(fused, first), loss_of(fused, second)
     (loss_a + 2 * loss_b).backward()
-    with fused_blocks.unfused():
+    with fused_trunk.unfused():
         (loss_of(modules, first) + 2 * loss_of(modules, second)).backward()
     for (name, p), q in zip(fused.named_parameters(), modules.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=2e-5, atol=2e-6, msg=name)
@@ -163,7 +163,7 @@ def test_retain_graph_then_a_second_backward() -> None:
     loss.backward(retain_graph=True)
     loss_of(fused, tokens).backward()  # another step's graph in between: it must take another arena
     loss.backward()
-    with fused_blocks.unfused():
+    with fused_trunk.unfused():
         reference = loss_of(modules, tokens)
         (3 * reference).backward()
     for (name, p), q in zip(fused.named_parameters(), modules.parameters()):
@@ -173,15 +173,15 @@ def test_retain_graph_then_a_second_backward() -> None:
 def test_a_graph_dropped_without_backward_hands_its_arena_back() -> None:
     model, _ = model_and_copy(seed=8)
     tokens = torch.randint(0, 61, (2, 20))
-    fused_blocks._pool.clear()
+    fused_trunk._pool.clear()
     loss = loss_of(model, tokens)
     del loss  # e.g. a validation forward under grad, never differentiated
     gc.collect()
-    (arenas,) = fused_blocks._pool.values()
+    (arenas,) = fused_trunk._pool.values()
     assert len(arenas) == 1
     kept = arenas[0]
     loss_of(model, tokens).backward()
-    (arenas,) = fused_blocks._pool.values()
+    (arenas,) = fused_trunk._pool.values()
     assert arenas == [kept]  # taken by the next forward, handed back by its backward
 
 
@@ -198,7 +198,7 @@ def test_double_backward_matches_the_modules() -> None:
         return [p.grad for p in model.parameters()]
 
     got = penalty(fused)
-    with fused_blocks.unfused():
+    with fused_trunk.unfused():
         want = penalty(modules)
     for a, b in zip(got, want):
         assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item()
@@ -224,7 +224,7 @@ def test_cases_it_leaves_to_the_modules(monkeypatch: pytest.MonkeyPatch) -> None
     model(tokens).sum().backward()  # eval mode
     model.train()
     model(tokens[:, :1]).sum().backward()  # one token
-    with fused_blocks.unfused():
+    with fused_trunk.unfused():
         model(tokens).sum().backward()
     model.double()
     model(tokens).sum().backward()  # not float32
@@ -269,14 +269,14 @@ def test_torch_compile_traces_the_modules(monkeypatch: pytest.MonkeyPatch) -> No
     seen: list[bool] = []
 
     def check(x: torch.Tensor) -> torch.Tensor:
-        seen.append(fused_blocks.applies(model, tokens))
+        seen.append(fused_trunk.applies(model, tokens))
         return x * 2
 
     tokens = torch.randint(0, 61, (2, 8))
     compiled = torch.compile(check, backend="eager")
     compiled(x)
     assert seen == [False]
-    assert fused_blocks.applies(model, tokens)  # and yes outside
+    assert fused_trunk.applies(model, tokens)  # and yes outside
 
 
 def test_a_token_id_out_of_range_is_nn_embeddings_error_and_loses_nothing() -> None:
@@ -287,7 +287,7 @@ def test_a_token_id_out_of_range_is_nn_embeddings_error_and_loses_nothing() -> N
     bad[1, 5] = 61
     with pytest.raises(IndexError, match="index out of range"):
         model(bad)
-    with fused_blocks.unfused(), pytest.raises(IndexError, match="index out of range"):
+    with fused_trunk.unfused(), pytest.raises(IndexError, match="index out of range"):
         model(bad)
     bad[1, 5] = -1
     with pytest.raises(IndexError, match="index out of range"):
@@ -304,7 +304,7 @@ def test_autocast_runs_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
     model, _ = model_and_copy()
     tokens = torch.randint(0, 61, (2, 12))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not fused_blocks.applies(model, tokens)
+        assert not fused_trunk.applies(model, tokens)
         loss_of(model, tokens).backward()
 
 
@@ -319,9 +319,9 @@ def test_biases_removed_from_some_linears_only(strip) -> None:
     strip(fused)
     strip(modules)
     tokens = torch.randint(0, 61, (2, 17), generator=torch.Generator().manual_seed(1))
-    assert fused_blocks.applies(fused, tokens)
+    assert fused_trunk.applies(fused, tokens)
     loss_of(fused, tokens).backward()
-    with fused_blocks.unfused():
+    with fused_trunk.unfused():
         loss_of(modules, tokens).backward()
     for (name, p), q in zip(fused.named_parameters(), modules.parameters()):
         assert p.grad is not None, name
@@ -361,7 +361,7 @@ def test_an_overflowing_residual_stream_is_nan_as_in_the_modules() -> None:
         with torch.no_grad():
             model.blocks[0].mlp.down.weight.mul_(1e38)
     tokens = torch.randint(0, 61, (2, 17), generator=torch.Generator().manual_seed(1))
-    assert fused_blocks.applies(fused, tokens)
-    with fused_blocks.unfused():
+    assert fused_trunk.applies(fused, tokens)
+    with fused_trunk.unfused():
         assert not torch.isfinite(loss_of(modules, tokens))
     assert not torch.isfinite(loss_of(fused, tokens))

@@ -76,7 +76,7 @@ def _check(status: int) -> None:
 
 @contextlib.contextmanager
 def unfused() -> Iterator[None]:
-    """Within this block (in this thread), GPT runs its blocks one module at a time."""
+    """Inside this `with` (in this thread), GPT runs its trunk module by module, without the node."""
     previous = getattr(_state, "off", False)
     _state.off = True
     try:
