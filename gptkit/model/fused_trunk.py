@@ -58,9 +58,10 @@ _SIGNATURES = (
     ("embed_backward", (POINTER, POINTER, POINTER, POINTER, SIZE, SIZE, SIZE)),
 )
 
-# Arenas kept for this many distinct shapes (least recently used dropped first): training runs
-# one shape, or a few (a last short batch, validation under grad).
-_ARENA_SHAPES = 4
+# Free arenas kept between steps: one per shape, for the two most recently used shapes (training
+# runs one shape, sometimes with a shorter last batch). Each holds a step's activations, so more
+# would only hold memory; release_arenas() drops them all.
+_ARENA_SHAPES = 2
 
 _state = threading.local()
 
@@ -329,9 +330,16 @@ def _give_back(shape: _Shape, arena: _Arena) -> None:
     with _pool_lock:
         _pool.setdefault(shape, []).append(arena)
         _pool.move_to_end(shape)
-        del _pool[shape][:-2]  # two per shape: a retained graph plus the next step
+        del _pool[shape][:-1]
         while len(_pool) > _ARENA_SHAPES:
             _pool.popitem(last=False)
+
+
+def release_arenas() -> None:
+    """Free the activation buffers kept for the next training step (the Trainer calls this when
+    ``fit`` ends). Arenas still lent to a live graph are freed with it."""
+    with _pool_lock:
+        _pool.clear()
 
 
 class _Lease:

@@ -31,6 +31,7 @@ from gptkit.distributed.precision import PrecisionPolicy
 from gptkit.distributed.setup import barrier, max_over_ranks, mean_over_ranks
 from gptkit.errors import CheckpointError, GptkitError, TrainingError, first_line, reason
 from gptkit.fileio import atomic_write_text
+from gptkit.model import fused_trunk
 from gptkit.train import tensorboard
 from gptkit.train.checkpointing import (
     CHECKPOINT_DIR,
@@ -290,6 +291,7 @@ class Trainer:
         try:
             return self._fit(on_step)
         finally:
+            fused_trunk.release_arenas()  # the fused trunk's activation buffers (CPU training)
             if self._tensorboard is not None:
                 self._tensorboard.close()
                 self._tensorboard = None

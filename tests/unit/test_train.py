@@ -12,7 +12,7 @@ import torch
 
 from gptkit.config import TrainConfig, load_run_config
 from gptkit.errors import CheckpointError, ConfigError, TrainingError
-from gptkit.model import GPT
+from gptkit.model import GPT, fused_trunk
 from gptkit.train import Trainer, resume_run_config, run_training
 from gptkit.train.optim import build_optimizer
 from gptkit.train.schedule import learning_rate
@@ -29,7 +29,7 @@ def corpus(tmp_path: Path) -> Path:
     return path
 
 
-def recipe(corpus: Path, out: Path, **train) -> list[str]:
+def recipe(corpus: Path, out: Path, *, dropout: float = 0.1, **train) -> list[str]:
     overrides = {
         "data.source": str(corpus),
         "data.dir": str(corpus.parent / "prepared"),
@@ -37,7 +37,7 @@ def recipe(corpus: Path, out: Path, **train) -> list[str]:
         "model.n_head": 2,
         "model.d_model": 32,
         "model.block_size": 32,
-        "model.dropout": 0.1,  # resume must restore the RNG that dropout draws from
+        "model.dropout": dropout,  # with dropout, resume must restore the RNG that dropout draws from
         "train.out_dir": str(out),
         "train.batch_size": 4,
         "train.grad_accum_steps": 2,
@@ -57,11 +57,19 @@ def losses_of(config) -> list[float]:
     return losses
 
 
-def test_exact_resume_matches_an_uninterrupted_run(corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dropout", [0.1, 0.0], ids=["dropout", "fused_trunk"])
+def test_exact_resume_matches_an_uninterrupted_run(corpus: Path, tmp_path: Path, dropout: float,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without dropout, CPU training runs the fused trunk (gptkit/model/fused_trunk.py): count it.
+    trunk_calls: list[int] = []
+    original = fused_trunk.run
+    monkeypatch.setattr(fused_trunk, "run", lambda *args: trunk_calls.append(1) or original(*args))
     n = 6
-    straight = losses_of(load_run_config(None, recipe(corpus, tmp_path / "straight", max_steps=2 * n)))
+    straight = losses_of(load_run_config(None, recipe(corpus, tmp_path / "straight", dropout=dropout, max_steps=2 * n)))
+    assert (len(trunk_calls) >= 2 * n) == (dropout == 0.0)
+    assert not fused_trunk._pool  # fit() ended: the trunk's buffers are freed
 
-    first_half = recipe(corpus, tmp_path / "split", max_steps=n, lr_decay_steps=2 * n)
+    first_half = recipe(corpus, tmp_path / "split", dropout=dropout, max_steps=n, lr_decay_steps=2 * n)
     first = losses_of(load_run_config(None, first_half))
     second_config = resume_run_config(
         load_run_config(None, first_half), [f"--train.max_steps={2 * n}"]
