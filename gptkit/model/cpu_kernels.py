@@ -222,7 +222,7 @@ class OneRowLinear:
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
+        y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32, device="cpu")
         # Pointers are read on every call: the weight's memory can move (share_memory(), .to()).
         self._kernel(
             x.data_ptr(), self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
@@ -244,7 +244,7 @@ class FewRowsLinear:
     def __init__(self, library: ctypes.CDLL, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.out_features, self.in_features = weight.shape
         blocks = -(-self.out_features // 8)
-        padded = torch.zeros(blocks * 8, self.in_features, dtype=torch.float32)
+        padded = torch.zeros(blocks * 8, self.in_features, dtype=torch.float32, device="cpu")
         padded[: self.out_features] = weight
         # (blocks, 8, in) -> (blocks, in, 8): block b holds output columns 8b..8b+7 per input feature.
         self.blocked_weight = padded.view(blocks, 8, self.in_features).transpose(1, 2).contiguous()
@@ -269,7 +269,7 @@ class FewRowsLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
+        y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32, device="cpu")
         self._kernel(
             x.data_ptr(), self.blocked_weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
             y.data_ptr(), rows, self.in_features, self.out_features, torch.get_num_threads(),

@@ -55,7 +55,7 @@ class FusedDecoder:
             config.n_layer, H, G, D, C, hidden, config.vocab_size, cache.max_len,
             int(config.norm == "rmsnorm"), int(config.mlp == "swiglu"), int(config.position == "rope"),
         ]
-        self._dims = torch.tensor(dims, dtype=torch.int64)
+        self._dims = torch.tensor(dims, dtype=torch.int64, device="cpu")
         self._eps = config.norm_eps
         # The tensors whose memory the kernel reads or writes, in the order csrc/decode_step.c
         # expects them (None: absent, passed as NULL).
@@ -78,12 +78,12 @@ class FusedDecoder:
             None if rotary is None else rotary.cos, None if rotary is None else rotary.sin,
         ]
         self._addresses = self._current_addresses()
-        self._layer_pointers = torch.tensor(self._addresses[0], dtype=torch.int64)
-        self._model_pointers = torch.tensor(self._addresses[1], dtype=torch.int64)
+        self._layer_pointers = torch.tensor(self._addresses[0], dtype=torch.int64, device="cpu")
+        self._model_pointers = torch.tensor(self._addresses[1], dtype=torch.int64, device="cpu")
         # x, its normalised copy, attention output, qkv, MLP hidden, scores: as decode_step.c lays them out
         workspace = 2 * C + H * D + qkv_width + up_width + H * cache.max_len
-        self._workspace = torch.empty(workspace, dtype=torch.float32)
-        self._logits = torch.empty(1, config.vocab_size, dtype=torch.float32)
+        self._workspace = torch.empty(workspace, dtype=torch.float32, device="cpu")
+        self._logits = torch.empty(1, config.vocab_size, dtype=torch.float32, device="cpu")
 
     def _current_addresses(self) -> tuple[list[int], list[int]]:
         def address(t: torch.Tensor | None) -> int:

@@ -281,7 +281,9 @@ class _Buffers:
     """Named float32 matrices, and their addresses for the C kernels (read once, not per call)."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        self.t = {name: torch.empty(shape, dtype=torch.float32) for name, shape in shapes.items()}
+        # device="cpu": not the default device, which torch.set_default_device / `with torch.device(...)`
+        # may have set to another (the kernels would write through a non-CPU pointer).
+        self.t = {name: torch.empty(shape, dtype=torch.float32, device="cpu") for name, shape in shapes.items()}
         self.p = {name: tensor.data_ptr() for name, tensor in self.t.items()}
 
 
@@ -387,7 +389,7 @@ class _FusedTrunk(torch.autograd.Function):
         lease = _Lease(s)
         arena = lease.arena
         assert arena is not None
-        out = torch.empty(N, C, dtype=torch.float32)  # the final norm's output: the caller's to keep
+        out = torch.empty(N, C, dtype=torch.float32, device="cpu")  # the final norm's output: the caller's to keep
         ptrs = [None if p is None else p.data_ptr() for p in params]
         table, positions, final_w, final_b = params[:4]
         first = arena.layers[0].p
@@ -451,7 +453,7 @@ class _FusedTrunk(torch.autograd.Function):
         st, sp = arena.scratch.t, arena.scratch.p
 
         def new(*size: int) -> torch.Tensor:
-            return torch.empty(size, dtype=torch.float32)
+            return torch.empty(size, dtype=torch.float32, device="cpu")
 
         def ptr(t: torch.Tensor | None) -> int | None:
             return None if t is None else t.data_ptr()

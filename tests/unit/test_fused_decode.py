@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gptkit.generate import decode_tokens
-from gptkit.model import GPT, cpu_kernels
+from gptkit.model import GPT, ModelConfig, cpu_kernels
 from gptkit.model.fused_decode import FusedDecoder
 from model_variants import TINY, VARIANTS  # noqa: E402  (tests/unit is on sys.path under pytest)
 
@@ -232,3 +232,19 @@ def test_a_nan_in_attention_makes_the_logits_nan_as_in_the_model() -> None:
         logits = fused.step(7)
     assert torch.isnan(expected).all()
     assert torch.isnan(logits).all()
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_default_device_other_than_the_cpu_changes_no_token(batch: int) -> None:
+    """``torch.set_default_device`` / ``with torch.device(...)`` must not move the C kernels' own
+    buffers off the CPU (they would write through a pointer that is not CPU memory): the fused
+    batch-1 step and the few-rows linears (d_model 256 packs its weights) give the same tokens."""
+    from gptkit.generate import decode_tokens
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=4, d_model=256, block_size=64, vocab_size=100)).eval()
+    prompt = torch.randint(0, 100, (1, 5)).expand(batch, 5)
+    expected = torch.stack(list(decode_tokens(model, prompt, max_new_tokens=6)))
+    with torch.device("meta"):
+        got = torch.stack(list(decode_tokens(model, prompt, max_new_tokens=6)))
+    assert torch.equal(got, expected)

@@ -365,3 +365,23 @@ def test_an_overflowing_residual_stream_is_nan_as_in_the_modules() -> None:
     with fused_trunk.unfused():
         assert not torch.isfinite(loss_of(modules, tokens))
     assert not torch.isfinite(loss_of(fused, tokens))
+
+
+def test_a_default_device_other_than_the_cpu_changes_nothing() -> None:
+    """torch.set_default_device / `with torch.device(...)` make factory calls without a device
+    allocate there; the node's buffers must still be CPU memory (they were meta tensors, null
+    pointers the kernels wrote through: a segmentation fault)."""
+    fused, modules = model_and_copy(seed=11)
+    tokens = torch.randint(0, 61, (2, 17), generator=torch.Generator().manual_seed(11))
+    with torch.device("meta"):
+        assert fused_trunk.applies(fused, tokens[:, :-1])
+        loss = loss_of(fused, tokens)
+        loss.backward()
+    with fused_trunk.unfused():
+        reference = loss_of(modules, tokens)
+        reference.backward()
+    assert loss.device.type == "cpu"
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(fused.named_parameters(), modules.parameters()):
+        assert p.grad.device.type == "cpu", name
+        torch.testing.assert_close(p.grad, q.grad, rtol=2e-5, atol=2e-6, msg=name)
