@@ -45,17 +45,20 @@ from torch.nn.modules import module as _module_globals
 
 from gptkit.model import attention_kernel
 from gptkit.model.cpu_kernels import POINTER, SIZE, THREADS, _eager, load_library
-from gptkit.model.layers import MLP, AttentionContext, Block, CausalSelfAttention, LayerNorm
+from gptkit.model.layers import MLP, AttentionContext, Block, CausalSelfAttention, LayerNorm, RMSNorm, RotaryEmbedding
 
 _FLOAT = ctypes.c_float
 _SIGNATURES = (
-    ("add_layer_norm", (POINTER,) * 9 + (SIZE, SIZE, _FLOAT, THREADS)),
-    ("layer_norm_backward", (POINTER,) * 10 + (SIZE, SIZE, THREADS), ctypes.c_int),
+    ("add_layer_norm", (POINTER,) * 9 + (SIZE, SIZE, _FLOAT, ctypes.c_int, THREADS)),
+    ("layer_norm_backward", (POINTER,) * 10 + (SIZE, SIZE, ctypes.c_int, THREADS), ctypes.c_int),
     ("bias_gelu_forward", (POINTER, POINTER, POINTER, SIZE, SIZE, THREADS)),
     ("gelu_backward_colsum", (POINTER, POINTER, POINTER, POINTER, SIZE, SIZE, THREADS), ctypes.c_int),
     ("column_sum", (POINTER, POINTER, SIZE, SIZE, THREADS), ctypes.c_int),
     ("embed_forward", (POINTER, POINTER, POINTER, POINTER, SIZE, SIZE, SIZE, SIZE, THREADS), ctypes.c_int),
     ("embed_backward", (POINTER, POINTER, POINTER, POINTER, SIZE, SIZE, SIZE)),
+    ("swiglu_forward", (POINTER, POINTER, POINTER, SIZE, SIZE, THREADS)),
+    ("swiglu_backward", (POINTER, POINTER, POINTER, POINTER, SIZE, SIZE, THREADS), ctypes.c_int),
+    ("rope_rotate", (POINTER, POINTER, POINTER, SIZE, SIZE, SIZE, SIZE, SIZE, _FLOAT, THREADS)),
 )
 
 # Free arenas kept between steps: one per shape, for the two most recently used shapes (training
@@ -91,10 +94,11 @@ def unfused() -> Iterator[None]:
 
 # The modules of a GPT-2 block, by path, and the type each must have exactly (a subclass or a
 # wrapper may compute something else).
+_NORMS = (LayerNorm, RMSNorm)
 _BLOCK_LAYOUT = (
-    ((), Block), (("attn_norm",), LayerNorm), (("attn",), CausalSelfAttention), (("attn", "qkv"), nn.Linear),
-    (("attn", "out"), nn.Linear), (("mlp_norm",), LayerNorm), (("mlp",), MLP), (("mlp", "up"), nn.Linear),
-    (("mlp", "down"), nn.Linear), (("dropout",), nn.Identity),
+    ((), (Block,)), (("attn_norm",), _NORMS), (("attn",), (CausalSelfAttention,)), (("attn", "qkv"), (nn.Linear,)),
+    (("attn", "out"), (nn.Linear,)), (("mlp_norm",), _NORMS), (("mlp",), (MLP,)), (("mlp", "up"), (nn.Linear,)),
+    (("mlp", "down"), (nn.Linear,)), (("dropout",), (nn.Identity,)),
 )
 
 
@@ -111,7 +115,7 @@ def _block_modules(block: nn.Module) -> list[nn.Module] | None:
         for name in path:
             module = module._modules.get(name)
         if (
-            type(module) is not kind
+            type(module) not in kind
             or not module.training
             or "forward" in module.__dict__
             or module._forward_hooks
@@ -121,8 +125,8 @@ def _block_modules(block: nn.Module) -> list[nn.Module] | None:
         ):
             return None
         modules.append(module)
-    attn, mlp = modules[2], modules[6]
-    if mlp.gated or attn.q_norm is not None or attn.dropout != 0.0 or len(block._modules) != 5:
+    attn = modules[2]
+    if attn.q_norm is not None or attn.dropout != 0.0 or len(block._modules) != 5:
         return None
     return modules
 
@@ -179,46 +183,63 @@ def _gather(model: nn.Module) -> list[torch.Tensor | None] | None:
     final norm's weight and bias, then 12 per block."""
     mods = model._modules
     embedding, positions, final_norm = mods.get("token_embedding"), mods.get("position_embedding"), mods.get("final_norm")
-    if not (_plain_embedding(embedding) and _plain_embedding(positions) and _plain_module(final_norm, LayerNorm)):
+    rotary = mods.get("rotary")
+    # Learned positions, or RoPE (whose tables are a plain buffer module, read directly).
+    if positions is None:
+        if type(rotary) is not RotaryEmbedding:
+            return None
+    elif not _plain_embedding(positions) or rotary is not None:
         return None
-    if not _plain_module(mods.get("embedding_dropout"), nn.Identity) or model._modules.get("rotary") is not None:
+    if not (_plain_embedding(embedding) and type(final_norm) in _NORMS and _plain_module(final_norm, type(final_norm))):
+        return None
+    if not _plain_module(mods.get("embedding_dropout"), nn.Identity):
         return None
     params: list[torch.Tensor | None] = [
-        embedding._parameters["weight"], positions._parameters["weight"], final_norm._parameters["weight"],
-        final_norm._parameters.get("bias"),
+        embedding._parameters["weight"], None if positions is None else positions._parameters["weight"],
+        final_norm._parameters["weight"], final_norm._parameters.get("bias"),
     ]
     first: list[nn.Module] | None = None
     for block in mods["blocks"]:
         modules = _block_modules(block)
         if modules is None or not modules[1].eps == modules[5].eps == final_norm.eps:  # one eps for the kernels
             return None
+        # One norm kind and one MLP kind throughout (the node's kernels take one of each).
+        if not type(modules[1]) is type(modules[5]) is type(final_norm):
+            return None
         if first is None:
             first = modules
-        elif (modules[2].n_head, modules[2].n_kv_head, modules[2].head_dim) != (
-            first[2].n_head, first[2].n_kv_head, first[2].head_dim
+        elif (modules[2].n_head, modules[2].n_kv_head, modules[2].head_dim, modules[6].gated) != (
+            first[2].n_head, first[2].n_kv_head, first[2].head_dim, first[6].gated
         ):
             return None  # the node takes one head layout for all blocks (run() reads block 0's)
         params.extend(_block_params(modules))
+    if positions is None and first is not None and first[2].head_dim % 2:
+        return None  # RoPE rotates pairs (j, j + D/2)
     if not all(_trainable_cpu_float(p) for p in params) or first is None:
         return None
-    if not _shapes_fit(params, first[2]):
+    if not _shapes_fit(params, first[2], first[6].gated):
         return None
     return params
 
 
-def _shapes_fit(params: list[torch.Tensor | None], attn: CausalSelfAttention) -> bool:
+def _shapes_fit(params: list[torch.Tensor | None], attn: CausalSelfAttention, gated: bool) -> bool:
     """Whether every parameter has the shape the node's buffers and kernels assume: the widths of
     block 0 in every block (a model with blocks of different widths runs module by module), and
     tables of width C. Buffers are sized from block 0 and torch.mm(out=...) would resize one
     (leaving the kernels a stale address) rather than fail."""
     table, positions, final_w, final_b = params[:4]
     C = table.shape[1]
-    qkv, hidden = params[4 + 2].shape[0], params[4 + 8].shape[0]
+    qkv, up = params[4 + 2].shape[0], params[4 + 8].shape[0]  # up: the MLP width, twice it for SwiGLU
+    hidden = params[4 + 10].shape[1]  # the down projection's input width
     width = attn.n_head * attn.head_dim
     if qkv != (attn.n_head + 2 * attn.n_kv_head) * attn.head_dim or attn.n_head % attn.n_kv_head:
         return False
-    want = [(C,), (C,), (qkv, C), (qkv,), (C, width), (C,), (C,), (C,), (hidden, C), (hidden,), (C, hidden), (C,)]
-    if table.dim() != 2 or positions.dim() != 2 or positions.shape[1] != C or final_w.shape != (C,):
+    if up != (2 * hidden if gated else hidden):
+        return False
+    want = [(C,), (C,), (qkv, C), (qkv,), (C, width), (C,), (C,), (C,), (up, C), (up,), (C, hidden), (C,)]
+    if table.dim() != 2 or final_w.shape != (C,):
+        return False
+    if positions is not None and (positions.dim() != 2 or positions.shape[1] != C):
         return False
     if final_b is not None and final_b.shape != (C,):
         return False
@@ -248,7 +269,15 @@ def plan(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor | None] | 
     if not attention_kernel.available() or _library() is None:
         return None
     params = _gather(model)
-    if params is None or params[1].shape[0] < tokens.shape[1]:  # too few positions: the modules' error
+    if params is None:
+        return None
+    if params[1] is not None and params[1].shape[0] < tokens.shape[1]:  # too few positions: the modules' error
+        return None
+    rotary = model._modules.get("rotary")
+    if rotary is not None and not (
+        rotary.cos.shape[0] >= tokens.shape[1] and rotary.cos.is_cpu and rotary.cos.dtype is torch.float32
+        and rotary.cos.is_contiguous() and rotary.sin.is_contiguous()
+    ):
         return None
     return params
 
@@ -267,10 +296,17 @@ class _Shape:
     T: int
     C: int  # d_model
     qkv: int  # width of the qkv projection, (H + 2 Hkv) D
-    hidden: int  # MLP width
+    hidden: int  # MLP width (the down projection's input)
     H: int
     Hkv: int
     layers: int
+    layer_norm: bool  # LayerNorm (centred); else RMSNorm
+    gated: bool  # SwiGLU (up holds gate and up, 2 x hidden); else GELU
+    rope: bool  # rotary positions applied to q and k; else learned positions added to the embeddings
+
+    @property
+    def up(self) -> int:  # the up projection's output width
+        return 2 * self.hidden if self.gated else self.hidden
 
     @property
     def D(self) -> int:  # head width
@@ -303,14 +339,14 @@ class _Arena:
         self.layers = [
             _Buffers({
                 "x": (N, C), "a1": (N, C), "m1": (N,), "r1": (N,), "qkv": (N, s.qkv), "y": (N, width),
-                "lse": (s.B, s.H, s.T), "xn": (N, C), "a2": (N, C), "m2": (N,), "r2": (N,), "h": (N, s.hidden),
+                "lse": (s.B, s.H, s.T), "xn": (N, C), "a2": (N, C), "m2": (N,), "r2": (N,), "h": (N, s.up),
                 "g": (N, s.hidden),
             })
             for _ in range(s.layers)
         ]
         self.final = _Buffers({"x": (N, C), "m": (N,), "r": (N,)})  # the last residual, into the final norm
         self.scratch = _Buffers({
-            "dg": (N, s.hidden), "dh": (N, s.hidden), "da": (N, C), "dxn": (N, C), "dy": (N, width),
+            "dg": (N, s.hidden), "dh": (N, s.up), "da": (N, C), "dxn": (N, C), "dy": (N, width),
             "dqkv": (N, s.qkv), "dx0": (N, C), "dx1": (N, C),
         })
 
@@ -365,6 +401,14 @@ class _Lease:
 _PER_BLOCK = 12  # parameters per block, in _block_params order
 
 
+def _rope_tables(model: nn.Module, s: _Shape) -> tuple[int | None, int | None]:
+    """Addresses of RoPE's cos and sin tables (their first T rows are the positions 0..T-1), or Nones."""
+    if not s.rope:
+        return None, None
+    rotary = model._modules["rotary"]
+    return rotary._buffers["cos"].data_ptr(), rotary._buffers["sin"].data_ptr()
+
+
 class _FusedTrunk(torch.autograd.Function):
     """Embeddings, all blocks and the final norm forward, then all of it backward (see the module
     docstring). With N = B T rows, x = E[tokens] + P[:T], then per block:
@@ -392,6 +436,8 @@ class _FusedTrunk(torch.autograd.Function):
         out = torch.empty(N, C, dtype=torch.float32, device="cpu")  # the final norm's output: the caller's to keep
         ptrs = [None if p is None else p.data_ptr() for p in params]
         table, positions, final_w, final_b = params[:4]
+        center = int(s.layer_norm)
+        cos, sin = ctx_tables = _rope_tables(model, s)
         first = arena.layers[0].p
         if lib.embed_forward(tokens.data_ptr(), ptrs[0], ptrs[1], first["x"], s.B, s.T, C, table.shape[0], threads):
             lease.give_back()
@@ -399,7 +445,7 @@ class _FusedTrunk(torch.autograd.Function):
         block_ptrs = ptrs[4:]
         # LayerNorm 1 of the first block; the later blocks' runs fused with the residual add below.
         lib.add_layer_norm(first["x"], None, None, first["x"], block_ptrs[0], block_ptrs[1], first["a1"], first["m1"],
-                           first["r1"], N, C, eps, threads)
+                           first["r1"], N, C, eps, center, threads)
         for layer in range(s.layers):
             w1, b1, wqkv, bqkv, wo, bo, w2, b2, wup, bup, wd, bd = params[4 + _PER_BLOCK * layer:][:_PER_BLOCK]
             pw = block_ptrs[_PER_BLOCK * layer:][:_PER_BLOCK]
@@ -408,13 +454,18 @@ class _FusedTrunk(torch.autograd.Function):
                 torch.addmm(bqkv, t["a1"], wqkv.t(), out=t["qkv"])
             else:
                 torch.mm(t["a1"], wqkv.t(), out=t["qkv"])
+            if s.rope:  # rotate q and k in place; attention (and its backward) sees the rotated ones
+                lib.rope_rotate(p["qkv"], cos, sin, s.B, s.T, s.H, s.Hkv, s.D, 1.0, threads)
             attention_kernel._check(attn.attention_forward(p["qkv"], p["y"], p["lse"], s.B, s.T, s.H, s.Hkv, s.D,
                                                            threads))
             torch.mm(t["y"], wo.t(), out=t["xn"])
             lib.add_layer_norm(p["x"], p["xn"], pw[5], p["xn"], pw[6], pw[7], p["a2"], p["m2"], p["r2"], N, C, eps,
-                               threads)
+                               center, threads)
             torch.mm(t["a2"], wup.t(), out=t["h"])
-            lib.bias_gelu_forward(p["h"], pw[9], p["g"], N, s.hidden, threads)
+            if s.gated:
+                lib.swiglu_forward(p["h"], pw[9], p["g"], N, s.hidden, threads)
+            else:
+                lib.bias_gelu_forward(p["h"], pw[9], p["g"], N, s.hidden, threads)
             if layer == s.layers - 1:  # the last residual, then the final norm into out
                 nxt_t, nxt = arena.final.t["x"], arena.final.p
                 norm_w, norm_b, a, m, r = ptrs[2], ptrs[3], out.data_ptr(), nxt["m"], nxt["r"]
@@ -424,8 +475,8 @@ class _FusedTrunk(torch.autograd.Function):
                 norm_w, norm_b = block_ptrs[_PER_BLOCK * (layer + 1)], block_ptrs[_PER_BLOCK * (layer + 1) + 1]
                 a, m, r = nxt["a1"], nxt["m1"], nxt["r1"]
             torch.mm(t["g"], wd.t(), out=nxt_t)
-            lib.add_layer_norm(p["xn"], nxt["x"], pw[11], nxt["x"], norm_w, norm_b, a, m, r, N, C, eps, threads)
-        ctx.lease, ctx.shape, ctx.model, ctx.eps = lease, s, model, eps
+            lib.add_layer_norm(p["xn"], nxt["x"], pw[11], nxt["x"], norm_w, norm_b, a, m, r, N, C, eps, center, threads)
+        ctx.lease, ctx.shape, ctx.model, ctx.eps, ctx.tables = lease, s, model, eps, ctx_tables
         return out.view(s.B, s.T, C)
 
     @staticmethod
@@ -443,6 +494,8 @@ class _FusedTrunk(torch.autograd.Function):
         N, C = s.B * s.T, s.C
         tokens, *params = ctx.saved_tensors
         table, positions, final_w, final_b = params[:4]
+        center = int(s.layer_norm)
+        cos, sin = ctx.tables
         block_params = params[4:]
         ptrs = [None if p is None else p.data_ptr() for p in block_params]
 
@@ -467,7 +520,7 @@ class _FusedTrunk(torch.autograd.Function):
         d_next = st[f"dx{s.layers % 2}"]  # the layers below alternate between dx0 and dx1
         _check(lib.layer_norm_backward(d_out.data_ptr(), arena.final.p["x"], arena.final.p["m"], arena.final.p["r"],
                                        final_w.data_ptr(), None, d_next.data_ptr(), d_final_w.data_ptr(),
-                                       ptr(d_final_b), ptr(d_bd), N, C, threads))
+                                       ptr(d_final_b), ptr(d_bd), N, C, center, threads))
         for layer in reversed(range(s.layers)):
             w1, b1, wqkv, bqkv, wo, bo, w2, b2, wup, bup, wd, bd = block_params[_PER_BLOCK * layer:][:_PER_BLOCK]
             pw = ptrs[_PER_BLOCK * layer:][:_PER_BLOCK]
@@ -475,19 +528,24 @@ class _FusedTrunk(torch.autograd.Function):
             # MLP: x_next = xn + gelu(a2 Wup^T + bup) Wd^T + bd
             torch.mm(d_next, wd, out=st["dg"])
             d_wd = torch.mm(d_next.t(), t["g"])
-            d_bup = new(s.hidden) if bup is not None else None
-            _check(lib.gelu_backward_colsum(sp["dg"], p["h"], sp["dh"], ptr(d_bup), N, s.hidden, threads))
+            d_bup = new(s.up) if bup is not None else None
+            if s.gated:
+                _check(lib.swiglu_backward(sp["dg"], p["h"], sp["dh"], ptr(d_bup), N, s.hidden, threads))
+            else:
+                _check(lib.gelu_backward_colsum(sp["dg"], p["h"], sp["dh"], ptr(d_bup), N, s.hidden, threads))
             torch.mm(st["dh"], wup, out=st["da"])
             d_wup = torch.mm(st["dh"].t(), t["a2"])
             # LayerNorm 2 and the residual around it; its column sums are the out projection's bias gradient
             d_w2, d_b2, d_bo = new(C), new(C) if b2 is not None else None, new(C) if bo is not None else None
             _check(lib.layer_norm_backward(sp["da"], p["xn"], p["m2"], p["r2"], pw[6], d_next.data_ptr(), sp["dxn"],
-                                           d_w2.data_ptr(), ptr(d_b2), ptr(d_bo), N, C, threads))
+                                           d_w2.data_ptr(), ptr(d_b2), ptr(d_bo), N, C, center, threads))
             # Attention: xn = x + attention(a1 Wqkv^T + bqkv) Wo^T + bo
             torch.mm(st["dxn"], wo, out=st["dy"])
             d_wo = torch.mm(st["dxn"].t(), t["y"])
             attention_kernel._check(attn.attention_backward(p["qkv"], p["y"], p["lse"], sp["dy"], sp["dqkv"], s.B, s.T,
                                                             s.H, s.Hkv, s.D, threads))
+            if s.rope:  # back to the gradient of the unrotated q and k
+                lib.rope_rotate(sp["dqkv"], cos, sin, s.B, s.T, s.H, s.Hkv, s.D, -1.0, threads)
             d_bqkv = new(s.qkv) if bqkv is not None else None
             if d_bqkv is not None:
                 _check(lib.column_sum(sp["dqkv"], d_bqkv.data_ptr(), N, s.qkv, threads))
@@ -498,15 +556,15 @@ class _FusedTrunk(torch.autograd.Function):
             d_w1, d_b1 = new(C), new(C) if b1 is not None else None
             d_bd_below = new(C) if layer > 0 and has_down_bias(layer - 1) else None
             _check(lib.layer_norm_backward(sp["da"], p["x"], p["m1"], p["r1"], pw[0], sp["dxn"], d_x.data_ptr(),
-                                           d_w1.data_ptr(), ptr(d_b1), ptr(d_bd_below), N, C, threads))
+                                           d_w1.data_ptr(), ptr(d_b1), ptr(d_bd_below), N, C, center, threads))
             grads[_PER_BLOCK * layer: _PER_BLOCK * (layer + 1)] = [
                 d_w1, d_b1, d_wqkv, d_bqkv, d_wo, d_bo, d_w2, d_b2, d_wup, d_bup, d_wd, d_bd,
             ]
             d_next, d_bd = d_x, d_bd_below
         # The embeddings: scatter-add into the token table, sum over the batch into the position table.
-        d_table, d_positions = torch.zeros_like(table), torch.zeros_like(positions)
-        lib.embed_backward(tokens.data_ptr(), d_next.data_ptr(), d_table.data_ptr(), d_positions.data_ptr(), s.B, s.T,
-                           C)
+        d_table = torch.zeros_like(table)
+        d_positions = None if positions is None else torch.zeros_like(positions)
+        lib.embed_backward(tokens.data_ptr(), d_next.data_ptr(), d_table.data_ptr(), ptr(d_positions), s.B, s.T, C)
         if not torch._C._autograd._get_current_graph_task_keep_graph():
             lease.give_back()  # retain_graph=True keeps it until the graph itself is freed
         return (None, None, None, None, d_table, d_positions, d_final_w, d_final_b, *grads)
@@ -517,9 +575,13 @@ def _recomputed_backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | No
     again module by module, and autograd differentiates that."""
     tokens, *params = ctx.saved_tensors
     model = ctx.model
-    attention = AttentionContext(rope=None, mask=None, is_causal=True, cache=None)
+    T = tokens.shape[1]
+    rope = model.rotary.tables(None, T) if model.rotary is not None else None
+    attention = AttentionContext(rope=rope, mask=None, is_causal=True, cache=None)
     with unfused():
-        x = model.token_embedding(tokens) + model.position_embedding.weight[: tokens.shape[1]]
+        x = model.token_embedding(tokens)
+        if model.position_embedding is not None:
+            x = x + model.position_embedding.weight[:T]
         for layer, block in enumerate(model.blocks):
             x = block(x, layer, attention)
         x = model.final_norm(x)
@@ -535,6 +597,7 @@ def run(model: nn.Module, tokens: torch.Tensor, params: list[torch.Tensor | None
     first: Block = blocks[0]
     attn = first.attn
     B, T = tokens.shape
-    shape = _Shape(B=B, T=T, C=params[0].shape[1], qkv=attn.qkv.out_features, hidden=first.mlp.up.out_features,
-                   H=attn.n_head, Hkv=attn.n_kv_head, layers=len(blocks))
+    shape = _Shape(B=B, T=T, C=params[0].shape[1], qkv=attn.qkv.out_features, hidden=first.mlp.down.in_features,
+                   H=attn.n_head, Hkv=attn.n_kv_head, layers=len(blocks), layer_norm=type(model.final_norm) is LayerNorm,
+                   gated=first.mlp.gated, rope=model.rotary is not None)
     return _FusedTrunk.apply(tokens.contiguous(), model, shape, model.final_norm.eps, *params)

@@ -77,10 +77,11 @@ static inline void put8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
 
 /* xn = x + p + bias (p and bias may be NULL; xn may be x or p), then, when w is given,
  * a = (xn - mean) * rstd * w + beta (beta may be NULL), mean (N,), rstd (N,) = 1/sqrt(var + eps).
+ * With center = 0 this is RMSNorm: mean is taken as 0, so var is the mean square.
  * a, mean and rstd must not overlap the inputs. */
 void add_layer_norm(const float *x, const float *p, const float *bias, float *xn, const float *w, const float *beta,
                     float *restrict a, float *restrict mean, float *restrict rstd, int64_t N, int64_t C, float eps,
-                    int threads) {
+                    int center, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && N > 1)
     for (int64_t i = 0; i < N; i++) {
         const float *xr = x + i * C, *pr = p ? p + i * C : NULL;
@@ -97,7 +98,7 @@ void add_layer_norm(const float *x, const float *p, const float *bias, float *xn
             for (; j < C; j++) xnr[j] = xr[j] + (pr ? pr[j] : 0.0f) + (bias ? bias[j] : 0.0f);
         }
         if (!w) continue;
-        const float mu = row_sum(xnr, C) / (float)C;
+        const float mu = center ? row_sum(xnr, C) / (float)C : 0.0f;  /* RMSNorm: no centring */
         v8f acc = {0};
         int64_t j = 0;
         for (; j + 8 <= C; j += 8) {
@@ -123,11 +124,12 @@ void add_layer_norm(const float *x, const float *p, const float *bias, float *xn
  *     xhat = (xn - mean) rstd,  g = da w,
  *     dx = dres + rstd (g - mean_j(g) - xhat mean_j(g xhat))     (dres may be NULL)
  *     dw = sum_i da xhat,  dbeta = sum_i da,  dcol = sum_i dx     (dbeta and dcol may be NULL)
+ * With center = 0 (RMSNorm): mean is taken as 0 and the mean_j(g) term drops out.
  * dx must not overlap any input. */
 int layer_norm_backward(const float *restrict da, const float *restrict xn, const float *restrict mean,
                         const float *restrict rstd, const float *restrict w, const float *restrict dres,
                         float *restrict dx, float *restrict dw, float *restrict dbeta, float *restrict dcol, int64_t N,
-                        int64_t C, int threads) {
+                        int64_t C, int center, int threads) {
     if (threads < 1 || N < 2) threads = 1;
     float *partial = calloc((size_t)threads * 3 * (size_t)C, sizeof(float));
     if (!partial) return 1;
@@ -140,7 +142,7 @@ int layer_norm_backward(const float *restrict da, const float *restrict xn, cons
         float *restrict pb = pw + C, *restrict pc = pb + C;
         for (int64_t i = first; i < last; i++) {
             const float *dar = da + i * C, *xr = xn + i * C;
-            const float mu = mean[i], r = rstd[i];
+            const float mu = center ? mean[i] : 0.0f, r = rstd[i];
             v8f sg = {0}, sgx = {0};
             int64_t j = 0;
             for (; j + 8 <= C; j += 8) {
@@ -154,7 +156,7 @@ int layer_norm_backward(const float *restrict da, const float *restrict xn, cons
                 sum_g += g;
                 sum_gx += g * (xr[j] - mu) * r;
             }
-            const float mg = sum_g / (float)C, mgx = sum_gx / (float)C;
+            const float mg = center ? sum_g / (float)C : 0.0f, mgx = sum_gx / (float)C;  /* RMSNorm: no mean(g) */
             const float *dresr = dres ? dres + i * C : NULL;
             float *dxr = dx + i * C;
             for (j = 0; j + 8 <= C; j += 8) {
@@ -265,7 +267,7 @@ int column_sum(const float *restrict x, float *restrict out, int64_t N, int64_t 
     return 0;
 }
 
-/* x[b, t] = E[tokens[b, t]] + P[t] for the N = B T tokens (rows of C floats). Returns 1, writing
+/* x[b, t] = E[tokens[b, t]] + P[t] (P may be NULL: RoPE models) for the N = B T tokens (rows of C floats). Returns 1, writing
  * nothing more, at the first token id outside [0, V). */
 int embed_forward(const int64_t *restrict tokens, const float *restrict E, const float *restrict P,
                   float *restrict x, int64_t B, int64_t T, int64_t C, int64_t V, int threads) {
@@ -274,9 +276,14 @@ int embed_forward(const int64_t *restrict tokens, const float *restrict E, const
     }
     #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && B * T > 1)
     for (int64_t i = 0; i < B * T; i++) {
-        const float *e = E + tokens[i] * C, *p = P + (i % T) * C;
+        const float *e = E + tokens[i] * C;
         float *xr = x + i * C;
-        for (int64_t j = 0; j < C; j++) xr[j] = e[j] + p[j];
+        if (P) {
+            const float *p = P + (i % T) * C;
+            for (int64_t j = 0; j < C; j++) xr[j] = e[j] + p[j];
+        } else {
+            memcpy(xr, e, sizeof(float) * (size_t)C);
+        }
     }
     return 0;
 }
@@ -288,10 +295,84 @@ void embed_backward(const int64_t *restrict tokens, const float *restrict dx, fl
                     float *restrict dP, int64_t B, int64_t T, int64_t C) {
     for (int64_t i = 0; i < B * T; i++) {
         const float *d = dx + i * C;
-        float *e = dE + tokens[i] * C, *p = dP + (i % T) * C;
-        for (int64_t j = 0; j < C; j++) {
-            e[j] += d[j];
-            p[j] += d[j];
+        float *e = dE + tokens[i] * C;
+        for (int64_t j = 0; j < C; j++) e[j] += d[j];
+        if (dP) {
+            float *p = dP + (i % T) * C;
+            for (int64_t j = 0; j < C; j++) p[j] += d[j];
+        }
+    }
+}
+
+/* SwiGLU: up = [gate | u] (N rows of 2F; bias per column added in place first, may be NULL),
+ * g = silu(gate) * u, silu(x) = x sigmoid(x). up is kept for the backward. g must not overlap up. */
+void swiglu_forward(float *restrict up, const float *restrict bias, float *restrict g, int64_t N, int64_t F,
+                    int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && N > 1)
+    for (int64_t i = 0; i < N; i++) {
+        float *restrict gate = up + i * 2 * F, *restrict u = gate + F, *restrict gr = g + i * F;
+        if (bias) {
+            for (int64_t j = 0; j < 2 * F; j++) gate[j] += bias[j];
+        }
+        for (int64_t j = 0; j < F; j++) {
+            float x = gate[j], s = 1.0f / (1.0f + exp_approx(-x));
+            gr[j] = x * s * u[j];
+        }
+    }
+}
+
+/* The backward of swiglu_forward: dup = [dgate | du] with
+ *     dgate = dg u silu'(gate),  silu'(x) = s (1 + x (1 - s)),   du = dg silu(gate),
+ * and dcol = the column sums of dup (2F, may be NULL). dup must not overlap the inputs. */
+int swiglu_backward(const float *restrict dg, const float *restrict up, float *restrict dup, float *restrict dcol,
+                    int64_t N, int64_t F, int threads) {
+    if (threads < 1 || N < 2) threads = 1;
+    float *partial = dcol ? calloc((size_t)threads * 2 * (size_t)F, sizeof(float)) : NULL;
+    if (dcol && !partial) return 1;
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t = omp_get_thread_num();
+        int64_t first, last;
+        share(N, &first, &last);
+        float *restrict pc = partial ? partial + (int64_t)t * 2 * F : NULL;
+        for (int64_t i = first; i < last; i++) {
+            const float *restrict gate = up + i * 2 * F, *restrict u = gate + F, *restrict d = dg + i * F;
+            float *restrict dgate = dup + i * 2 * F, *restrict du = dgate + F;
+            for (int64_t j = 0; j < F; j++) {
+                float x = gate[j], s = 1.0f / (1.0f + exp_approx(-x));
+                dgate[j] = d[j] * u[j] * s * (1.0f + x * (1.0f - s));
+                du[j] = d[j] * x * s;
+            }
+            if (pc) {
+                for (int64_t j = 0; j < 2 * F; j++) pc[j] += dgate[j];
+            }
+        }
+    }
+    if (partial) {
+        reduce_partials(partial, threads, 2 * F, dcol);
+        free(partial);
+    }
+    return 0;
+}
+
+/* Rotary position embedding in the "rotate half" layout, in place on the query and key heads of
+ * qkv (B, T, (H + 2 Hkv) D): for each head vector x at position t, with h = D / 2,
+ *     x'[j] = x[j] cos[t][j] - sign x[j+h] sin[t][j],   x'[j+h] = x[j+h] cos[t][j+h] + sign x[j] sin[t][j+h]
+ * (cos, sin: (T, D) tables). sign = 1 rotates (forward); sign = -1 applies the transpose, which
+ * takes the gradient of the rotated vectors back to the unrotated ones. The value heads are left. */
+void rope_rotate(float *qkv, const float *restrict cos_t, const float *restrict sin_t, int64_t B, int64_t T, int64_t H,
+                 int64_t Hkv, int64_t D, float sign, int threads) {
+    const int64_t R = (H + 2 * Hkv) * D, h = D / 2;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && B * T > 1)
+    for (int64_t i = 0; i < B * T; i++) {
+        const float *c = cos_t + (i % T) * D, *s = sin_t + (i % T) * D;
+        for (int64_t head = 0; head < H + Hkv; head++) {
+            float *x = qkv + i * R + head * D;
+            for (int64_t j = 0; j < h; j++) {
+                float a = x[j], b = x[j + h];
+                x[j] = a * c[j] - sign * b * s[j];
+                x[j + h] = b * c[j + h] + sign * a * s[j + h];
+            }
         }
     }
 }
