@@ -1,4 +1,4 @@
-"""GPT-2's trunk (embeddings, blocks, final norm) as one autograd node, for training on CPU in float32.
+"""GPT's trunk (embeddings, blocks, final norm) as one autograd node, for training on CPU in float32.
 
 At small widths a training step on CPU is about 70% matmuls; most of the rest is passes over the
 activations that ATen runs one op at a time: each Linear's bias copied into its output, the
@@ -8,26 +8,28 @@ back zeroed, one fault at a time. Here one ``torch.autograd.Function`` runs it a
 
 - the matmuls are ATen's (``torch.mm`` / ``addmm``, MKL), written into preallocated buffers;
 - attention is gptkit's fused causal kernel (``attention_kernel``);
-- the rest is fused C kernels (``csrc/block.c``): the embedding lookup, residual + bias + LayerNorm,
-  its backward with the residual gradient and the bias gradient, bias + GELU (keeping GELU's
-  derivative for the backward), GELU's backward with the bias gradient, and the embeddings'
-  backward;
+- the rest is fused C kernels (``csrc/block.c``): the embedding lookup, residual + bias + LayerNorm
+  (or RMSNorm), its backward with the residual gradient and the bias gradient, bias + GELU (keeping
+  GELU's derivative for the backward) or SwiGLU, their backwards with the bias gradient, RoPE
+  applied in place to q and k (and its transpose to their gradient), and the embeddings' backward;
 - activations and backward scratch live in an arena that is reused from step to step (taken by a
   forward, handed back when its backward ends, or when its graph is freed), so a step allocates
   only the gradients it returns.
 
 The numbers are those of the module-by-module forward within float32 rounding (tested, forward
 and backward, against it and against float64). It runs only where it computes exactly what the
-modules would (``plan``): GPT-2 (learned positions, LayerNorm, tanh-GELU MLP; no RoPE or qk-norm),
+modules would (``plan``): GPT-2 or the Llama-style options (learned positions or RoPE, LayerNorm or
+RMSNorm, tanh-GELU or SwiGLU MLP, with or without biases, grouped-query attention; not qk-norm),
 no dropout, no KV cache, CPU float32 parameters all trainable, no hooks or replaced forwards in
 the trunk's modules, training mode with gradients on and no autocast, eager mode (not torch.compile, functorch or
 forward-mode AD), 2 <= T <= the attention kernel's limit, and the kernels built. Everywhere else
 the modules run one by one as usual; ``unfused()`` forces that (tests, benchmarks). A double
 backward (``create_graph=True``) recomputes the trunk through the modules and differentiates that.
 
-Measured on the 2-core test machine (benchmarks/README.md): at the char shape a training step is
-13-18% faster than the module-by-module forward with the same kernels (alternating steps); at the
-GPT-2 124M width ~3%, where the matmuls are nearly everything.
+Measured on the 2-core test machine (benchmarks/README.md), alternating steps of the two forms: at
+the char shape (GPT-2) a training step is 1.10-1.18x as fast as module by module with the same
+kernels; at the fast recipe's shape (RoPE, RMSNorm, SwiGLU, which module by module take SDPA) ~1.45x;
+at the GPT-2 124M width ~1.03x, where the matmuls are nearly everything.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def unfused() -> Iterator[None]:
 # ---------------------------------------------------------------------------------- when it runs
 
 
-# The modules of a GPT-2 block, by path, and the type each must have exactly (a subclass or a
+# The modules of a block, by path, and the type each must have exactly (a subclass or a
 # wrapper may compute something else).
 _NORMS = (LayerNorm, RMSNorm)
 _BLOCK_LAYOUT = (
@@ -103,7 +105,7 @@ _BLOCK_LAYOUT = (
 
 
 def _block_modules(block: nn.Module) -> list[nn.Module] | None:
-    """The block's modules in _BLOCK_LAYOUT order if it is a GPT-2 block exactly as gptkit builds it
+    """The block's modules in _BLOCK_LAYOUT order if it is a block exactly as gptkit builds it
     (every module of the expected type, in training mode, with no hook and no forward replaced on
     the instance, which activation checkpointing does), else None. Reads ``_modules`` directly:
     this runs on every training forward, and nn.Module's attribute lookup is slow."""

@@ -110,7 +110,7 @@ class GPT(nn.Module):
         else:
             fused = fused_trunk.plan(self, tokens)
             if fused is not None:
-                # CPU float32 training of GPT-2: embeddings, blocks and final norm as one autograd
+                # CPU float32 training: embeddings, blocks and final norm as one autograd
                 # node with fused kernels (the same numbers, faster steps); see fused_trunk.py.
                 x = fused_trunk.run(self, tokens, fused)
                 return self.lm_head(x[:, -1:, :] if last_only else x)
