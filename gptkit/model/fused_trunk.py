@@ -276,11 +276,16 @@ def plan(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor | None] | 
     if params[1] is not None and params[1].shape[0] < tokens.shape[1]:  # too few positions: the modules' error
         return None
     rotary = model._modules.get("rotary")
-    if rotary is not None and not (
-        rotary.cos.shape[0] >= tokens.shape[1] and rotary.cos.is_cpu and rotary.cos.dtype is torch.float32
-        and rotary.cos.is_contiguous() and rotary.sin.is_contiguous()
-    ):
-        return None
+    if rotary is not None:
+        D = model.blocks[0].attn.head_dim
+        for name in ("cos", "sin"):  # the tables the kernel reads: (>= T, D) plain CPU float32 buffers
+            table = rotary._buffers.get(name)
+            if not (
+                type(table) is torch.Tensor and table.is_cpu and table.dtype is torch.float32 and table.is_contiguous()
+                and not table.requires_grad and table.dim() == 2 and table.shape[0] >= tokens.shape[1]
+                and table.shape[1] == D
+            ):
+                return None
     return params
 
 

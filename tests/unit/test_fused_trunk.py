@@ -388,3 +388,44 @@ def test_a_default_device_other_than_the_cpu_changes_nothing() -> None:
     for (name, p), q in zip(fused.named_parameters(), modules.parameters()):
         assert p.grad.device.type == "cpu", name
         torch.testing.assert_close(p.grad, q.grad, rtol=2e-5, atol=2e-6, msg=name)
+
+
+def test_rope_tables_the_kernel_cannot_read_as_built_leave_the_modules_in_charge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RoPE's tables are read by address: another dtype, a short or narrow table, or a Parameter in
+    their place sends the model to the modules (third review)."""
+    tokens = torch.randint(0, 61, (2, 16))
+    for change in ("float64 sin", "short", "narrow", "parameter"):
+        model, _ = model_and_copy(position="rope")
+        rotary = model.rotary
+        if change == "float64 sin":
+            rotary.sin = rotary.sin.double()
+        elif change == "short":
+            rotary.sin = rotary.sin[:4].clone()
+        elif change == "narrow":
+            rotary.cos, rotary.sin = rotary.cos[:, :1].clone(), rotary.sin[:, :1].clone()
+        else:
+            del rotary._buffers["cos"]
+            rotary.cos = torch.nn.Parameter(rotary.sin.clone(), requires_grad=False)
+        assert not fused_trunk.applies(model, tokens), change
+
+
+def test_rope_gradient_is_the_transpose_for_any_tables() -> None:
+    """The backward rotation is the exact transpose of the forward one, even for tables whose two
+    halves differ (RotaryEmbedding's are equal, which would hide a swapped index)."""
+    fused, modules = model_and_copy(seed=11, position="rope")
+    gen = torch.Generator().manual_seed(8)
+    for model in (fused, modules):
+        model.rotary.cos.copy_(torch.rand(model.rotary.cos.shape, generator=gen))
+        gen.manual_seed(8)
+    gen.manual_seed(9)
+    sin = torch.rand(fused.rotary.sin.shape, generator=gen)
+    fused.rotary.sin.copy_(sin)
+    modules.rotary.sin.copy_(sin)
+    tokens = torch.randint(0, 61, (2, 21), generator=torch.Generator().manual_seed(10))
+    assert fused_trunk.applies(fused, tokens[:, :-1])
+    loss_of(fused, tokens).backward()
+    with fused_trunk.unfused():
+        loss_of(modules, tokens).backward()
+    for (name, p), q in zip(fused.named_parameters(), modules.parameters()):
+        scale = q.grad.abs().max().item() + 1e-12
+        assert (p.grad - q.grad).abs().max().item() <= 2e-5 * scale, name

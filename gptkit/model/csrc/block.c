@@ -357,9 +357,10 @@ int swiglu_backward(const float *restrict dg, const float *restrict up, float *r
 
 /* Rotary position embedding in the "rotate half" layout, in place on the query and key heads of
  * qkv (B, T, (H + 2 Hkv) D): for each head vector x at position t, with h = D / 2,
- *     x'[j] = x[j] cos[t][j] - sign x[j+h] sin[t][j],   x'[j+h] = x[j+h] cos[t][j+h] + sign x[j] sin[t][j+h]
- * (cos, sin: (T, D) tables). sign = 1 rotates (forward); sign = -1 applies the transpose, which
- * takes the gradient of the rotated vectors back to the unrotated ones. The value heads are left. */
+ *     x'[j] = x[j] cos[t][j] - x[j+h] sin[t][j],   x'[j+h] = x[j+h] cos[t][j+h] + x[j] sin[t][j+h]
+ * (cos, sin: (T, D) tables). sign = 1 rotates (forward); sign = -1 applies the transpose of that
+ * 2 x 2 map, which takes the gradient of the rotated vectors back to the unrotated ones. The value
+ * heads are left. */
 void rope_rotate(float *qkv, const float *restrict cos_t, const float *restrict sin_t, int64_t B, int64_t T, int64_t H,
                  int64_t Hkv, int64_t D, float sign, int threads) {
     const int64_t R = (H + 2 * Hkv) * D, h = D / 2;
@@ -368,10 +369,18 @@ void rope_rotate(float *qkv, const float *restrict cos_t, const float *restrict 
         const float *c = cos_t + (i % T) * D, *s = sin_t + (i % T) * D;
         for (int64_t head = 0; head < H + Hkv; head++) {
             float *x = qkv + i * R + head * D;
-            for (int64_t j = 0; j < h; j++) {
-                float a = x[j], b = x[j + h];
-                x[j] = a * c[j] - sign * b * s[j];
-                x[j + h] = b * c[j + h] + sign * a * s[j + h];
+            if (sign > 0) {
+                for (int64_t j = 0; j < h; j++) {
+                    float a = x[j], b = x[j + h];
+                    x[j] = a * c[j] - b * s[j];
+                    x[j + h] = b * c[j + h] + a * s[j + h];
+                }
+            } else {  /* the transpose of the rotation above, entry by entry */
+                for (int64_t j = 0; j < h; j++) {
+                    float a = x[j], b = x[j + h];
+                    x[j] = a * c[j] + b * s[j + h];
+                    x[j + h] = b * c[j + h] - a * s[j];
+                }
             }
         }
     }
