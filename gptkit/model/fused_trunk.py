@@ -104,6 +104,18 @@ _BLOCK_LAYOUT = (
 )
 
 
+def _untouched(module: nn.Module) -> bool:
+    """No hook and no forward replaced on the instance (activation checkpointing does that): the
+    node would skip either."""
+    return not (
+        "forward" in module.__dict__
+        or module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
 def _block_modules(block: nn.Module) -> list[nn.Module] | None:
     """The block's modules in _BLOCK_LAYOUT order if it is a block exactly as gptkit builds it
     (every module of the expected type, in training mode, with no hook and no forward replaced on
@@ -116,15 +128,7 @@ def _block_modules(block: nn.Module) -> list[nn.Module] | None:
         module = block
         for name in path:
             module = module._modules.get(name)
-        if (
-            type(module) not in kind
-            or not module.training
-            or "forward" in module.__dict__
-            or module._forward_hooks
-            or module._forward_pre_hooks
-            or module._backward_hooks
-            or module._backward_pre_hooks
-        ):
+        if type(module) not in kind or not module.training or not _untouched(module):
             return None
         modules.append(module)
     attn = modules[2]
@@ -161,12 +165,7 @@ def _global_hooks() -> bool:
 
 
 def _plain_module(module: nn.Module | None, kind: type) -> bool:
-    return (
-        type(module) is kind
-        and "forward" not in module.__dict__
-        and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                 or module._backward_pre_hooks)
-    )
+    return type(module) is kind and _untouched(module)
 
 
 def _plain_embedding(module: nn.Module | None) -> bool:
@@ -483,7 +482,7 @@ class _FusedTrunk(torch.autograd.Function):
                 a, m, r = nxt["a1"], nxt["m1"], nxt["r1"]
             torch.mm(t["g"], wd.t(), out=nxt_t)
             lib.add_layer_norm(p["xn"], nxt["x"], pw[11], nxt["x"], norm_w, norm_b, a, m, r, N, C, eps, center, threads)
-        ctx.lease, ctx.shape, ctx.model, ctx.eps, ctx.tables = lease, s, model, eps, ctx_tables
+        ctx.lease, ctx.shape, ctx.model, ctx.tables = lease, s, model, ctx_tables
         return out.view(s.B, s.T, C)
 
     @staticmethod
