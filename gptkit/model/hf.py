@@ -535,9 +535,11 @@ def load_hf(path: str | os.PathLike[str]) -> GPT:
                 str(directory), config=hf_config, local_files_only=True, output_loading_info=True,
                 ignore_mismatched_sizes=True, **dtype_kw,
             )
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError, EOFError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError, EOFError,
+            TypeError, AttributeError) as exc:
         # pickle.UnpicklingError, EOFError: torch.load on a damaged or empty pytorch_model.bin (a pickle),
-        # or one holding objects that weights_only loading refuses.
+        # or one holding objects that weights_only loading refuses; TypeError, AttributeError: a pickle
+        # that loads but holds something other than a dict of tensors (a list, a string).
         raise CheckpointError(f"cannot load Hugging Face model from {directory}: {first_line(exc)}") from None
     mismatched = sorted(info.get("mismatched_keys") or [])
     missing = sorted(info.get("missing_keys") or [])

@@ -304,6 +304,12 @@ def test_load_hf_damaged_pytorch_model_bin(tmp_path) -> None:
         with pytest.raises(CheckpointError) as info:
             load_hf(directory)
         assert str(directory) in str(info.value) and "\n" not in str(info.value)
+    # A readable pickle that is not a dict of tensors (transformers raises TypeError or AttributeError).
+    for content in ([1, 2, 3], "weights", 7):
+        torch.save(content, directory / "pytorch_model.bin")
+        with pytest.raises(CheckpointError, match="cannot load Hugging Face model") as info:
+            load_hf(directory)
+        assert str(directory) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_load_hf_names_a_tensor_of_the_wrong_shape(tmp_path) -> None:
