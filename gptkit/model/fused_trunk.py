@@ -334,7 +334,8 @@ class _Arena:
 
     Per layer (N = B T rows): x (the block's input; for layer 0 the embeddings), a1 /
     m1 / r1 (LayerNorm 1's output, mean and 1/std), qkv, y and lse (attention output and its
-    log-sum-exp), xn (the residual after attention), a2 / m2 / r2 (LayerNorm 2), h (MLP
+    log-sum-exp; for short sequences also probs, its softmax probabilities, see
+    attention_kernel.SAVE_PROBS_MAX_T), xn (the residual after attention), a2 / m2 / r2 (LayerNorm 2), h (MLP
     pre-activation; after the GELU it holds the GELU's derivative there instead, all the backward
     needs) and g (GELU of h + bias). Then the last residual with the final norm's mean and 1/std.
     Scratch for the backward: dg, dh, da, dxn, dy,
@@ -342,11 +343,12 @@ class _Arena:
 
     def __init__(self, s: _Shape) -> None:
         N, C, width = s.B * s.T, s.C, s.H * s.D
+        probs = attention_kernel.probs_shape(s.B, s.T, s.H)
         self.layers = [
             _Buffers({
                 "x": (N, C), "a1": (N, C), "m1": (N,), "r1": (N,), "qkv": (N, s.qkv), "y": (N, width),
                 "lse": (s.B, s.H, s.T), "xn": (N, C), "a2": (N, C), "m2": (N,), "r2": (N,), "h": (N, s.up),
-                "g": (N, s.hidden),
+                "g": (N, s.hidden), **({"probs": probs} if probs else {}),
             })
             for _ in range(s.layers)
         ]
@@ -462,8 +464,8 @@ class _FusedTrunk(torch.autograd.Function):
                 torch.mm(t["a1"], wqkv.t(), out=t["qkv"])
             if s.rope:  # rotate q and k in place; attention (and its backward) sees the rotated ones
                 lib.rope_rotate(p["qkv"], cos, sin, s.B, s.T, s.H, s.Hkv, s.D, 1.0, threads)
-            attention_kernel._check(attn.attention_forward(p["qkv"], p["y"], p["lse"], s.B, s.T, s.H, s.Hkv, s.D,
-                                                           threads))
+            attention_kernel._check(attn.attention_forward(p["qkv"], p["y"], p["lse"], p.get("probs"), s.B, s.T, s.H,
+                                                           s.Hkv, s.D, threads))
             torch.mm(t["y"], wo.t(), out=t["xn"])
             lib.add_layer_norm(p["x"], p["xn"], pw[5], p["xn"], pw[6], pw[7], p["a2"], p["m2"], p["r2"], N, C, eps,
                                center, threads)
@@ -548,8 +550,8 @@ class _FusedTrunk(torch.autograd.Function):
             # Attention: xn = x + attention(a1 Wqkv^T + bqkv) Wo^T + bo
             torch.mm(st["dxn"], wo, out=st["dy"])
             d_wo = torch.mm(st["dxn"].t(), t["y"])
-            attention_kernel._check(attn.attention_backward(p["qkv"], p["y"], p["lse"], sp["dy"], sp["dqkv"], s.B, s.T,
-                                                            s.H, s.Hkv, s.D, threads))
+            attention_kernel._check(attn.attention_backward(p["qkv"], p["y"], p["lse"], p.get("probs"), sp["dy"],
+                                                            sp["dqkv"], s.B, s.T, s.H, s.Hkv, s.D, threads))
             if s.rope:  # back to the gradient of the unrotated q and k
                 lib.rope_rotate(sp["dqkv"], cos, sin, s.B, s.T, s.H, s.Hkv, s.D, -1.0, threads)
             d_bqkv = new(s.qkv) if bqkv is not None else None

@@ -88,6 +88,23 @@ def test_matches_float64_reference_forward_and_backward(B: int, T: int, H: int, 
 
 
 @needs_compiler
+@pytest.mark.parametrize("B, T, H, Hkv, D", [(3, 64, 4, 4, 32), (2, 37, 4, 2, 12), (1, 128, 2, 1, 8)])
+def test_saved_probabilities_give_the_gradients_of_recomputed_ones(monkeypatch, B, T, H, Hkv, D) -> None:
+    """Up to SAVE_PROBS_MAX_T the backward reads the forward's softmax; past it, it recomputes it."""
+    torch.manual_seed(3)
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D) * 2
+    grad = torch.randn(B, T, H * D)
+    assert attention_kernel.probs_shape(B, T, H) == (B, H, T, (T + 7) // 8 * 8)
+    y_saved, dqkv_saved = kernel_forward_backward(qkv, grad, H, Hkv)
+    monkeypatch.setattr(attention_kernel, "SAVE_PROBS_MAX_T", T - 1)
+    assert attention_kernel.probs_shape(B, T, H) is None
+    y_recomputed, dqkv_recomputed = kernel_forward_backward(qkv, grad, H, Hkv)
+    assert torch.equal(y_saved, y_recomputed)
+    torch.testing.assert_close(dqkv_saved, dqkv_recomputed, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(dqkv_saved, dqkv_recomputed)  # two paths indeed (rounding differs)
+
+
+@needs_compiler
 def test_large_scores_stay_finite_and_as_exact_as_sdpa() -> None:
     """Scores of hundreds: the softmax must subtract each row's maximum. At that size float32
     rounding of the scores alone moves the result by ~1e-4; SDPA's error is the yardstick."""

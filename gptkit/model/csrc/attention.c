@@ -9,8 +9,10 @@
  *
  * Per (batch row, head) the kernel computes, with s = 1/sqrt(D) and j <= i (causal):
  *     S_ij = s q_i . k_j,  P_ij = exp(S_ij - L_i),  L_i = log sum_j exp(S_ij),  y_i = sum_j P_ij v_j
- * and saves L (B, H, T), the row's log-sum-exp. The backward recomputes P from q, k and L (cheaper
- * than storing it: T x T per head), then, with delta_i = dy_i . y_i:
+ * and saves L (B, H, T), the row's log-sum-exp. The backward recomputes P from q, k and L, or,
+ * when the caller gives room for it (probs, B H T x Tp floats: for short sequences, where that is
+ * little memory), reads the P the forward saved there, which saves a fifth of the backward's
+ * products and its exponentials. Then, with delta_i = dy_i . y_i:
  *     dP_ij = dy_i . v_j,  dS_ij = P_ij (dP_ij - delta_i),
  *     dq_i = s sum_j dS_ij k_j,  dk_j = s sum_i dS_ij q_i,  dv_j = sum_i P_ij dy_i.
  * For small T a head's T x T scores fit in the L1/L2 cache, so each (batch row, head) is one task
@@ -223,10 +225,11 @@ static head_ptrs head_pointers(const float *qkv, int64_t b, int64_t h, int64_t T
 }
 
 /* qkv: (B, T, (H + 2 Hkv) D) -> y: (B, T, H D), lse: (B, H, T) (saved for the backward; may be
- * NULL in inference). H must be a multiple of Hkv. Returns 0, or 1 when a thread could not
- * allocate its scratch memory (the outputs are then incomplete). */
-int attention_forward(const float *qkv, float *y, float *lse, int64_t B, int64_t T, int64_t H, int64_t Hkv,
-                      int64_t D, int threads) {
+ * NULL in inference), and probs (B, H, T, Tp) with Tp = T rounded up to 8, or NULL: the softmax
+ * probabilities, row i holding P_i0..P_ii then zeros. H must be a multiple of Hkv. Returns 0, or 1
+ * when a thread could not allocate its scratch memory (the outputs are then incomplete). */
+int attention_forward(const float *qkv, float *y, float *lse, float *probs, int64_t B, int64_t T, int64_t H,
+                      int64_t Hkv, int64_t D, int threads) {
     const int64_t Tp = round_up8(T);
     const float scale = 1.0f / sqrtf((float)D);
     int failed = 0;
@@ -270,10 +273,13 @@ int attention_forward(const float *qkv, float *y, float *lse, int64_t B, int64_t
                         memcpy(sr + j0, &e, sizeof e);
                     }
                     float sum = sum8(acc), inv = 1.0f / sum;
+                    float *saved = probs ? probs + ((b * H + h) * T + i) * Tp : NULL;
                     for (int64_t j0 = 0; j0 < row_cols; j0 += 8) {
                         v8f e = load8(sr + j0) * inv;
                         memcpy(sr + j0, &e, sizeof e);
+                        if (saved) memcpy(saved + j0, &e, sizeof e);
                     }
+                    if (saved) memset(saved + row_cols, 0, sizeof(float) * (size_t)(Tp - row_cols));
                     /* The product with V below reads columns 0..keys-1: all written, as
                      * keys <= i0 + RB <= round_up8(i0 + 1) <= row_cols (i0 is a multiple of RB = 4). */
                     if (lse) lse[(b * H + h) * T + i] = m * scale + logf(sum);
@@ -286,10 +292,11 @@ int attention_forward(const float *qkv, float *y, float *lse, int64_t B, int64_t
     return failed;
 }
 
-/* The backward of attention_forward: qkv, y, lse as saved by it, dy (B, T, H D) -> dqkv
- * (B, T, (H + 2 Hkv) D), every element written. Returns 0, or 1 as attention_forward does. */
-int attention_backward(const float *qkv, const float *y, const float *lse, const float *dy, float *dqkv,
-                       int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int threads) {
+/* The backward of attention_forward: qkv, y, lse and probs (or NULL: recompute P) as saved by it,
+ * dy (B, T, H D) -> dqkv (B, T, (H + 2 Hkv) D), every element written. Returns 0, or 1 as
+ * attention_forward does. */
+int attention_backward(const float *qkv, const float *y, const float *lse, const float *probs, const float *dy,
+                       float *dqkv, int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int threads) {
     const int64_t Tp = round_up8(T), group = H / Hkv;
     const float scale = 1.0f / sqrtf((float)D);
     int failed = 0;
@@ -308,7 +315,7 @@ int attention_backward(const float *qkv, const float *y, const float *lse, const
             int64_t b = task / Hkv, hk = task % Hkv;
             head_ptrs first = head_pointers(qkv, b, hk * group, T, H, Hkv, D);
             const int64_t R = first.R, HD = first.HD;
-            transpose_into(first.k, R, T, D, Tp, kt);
+            if (!probs) transpose_into(first.k, R, T, D, Tp, kt);  /* K^T only to recompute P */
             transpose_into(first.v, R, T, D, Tp, vt);
             /* The key and value heads' gradients, in dqkv's layout. */
             float *dk = dqkv + (first.k - qkv), *dv = dqkv + (first.v - qkv);
@@ -317,17 +324,26 @@ int attention_backward(const float *qkv, const float *y, const float *lse, const
                 head_ptrs p = head_pointers(qkv, b, h, T, H, Hkv, D);
                 const float *yh = y + b * T * HD + h * D, *dyh = dy + b * T * HD + h * D;
                 const float *lh = lse + (b * H + h) * T;
+                /* P: the saved probabilities of this head, or this thread's scratch for recomputed ones */
+                float *Ph = probs ? (float *)probs + (b * H + h) * T * Tp : P;
                 float *dq = dqkv + (p.q - qkv);
                 for (int64_t i = 0; i < T; i++) delta[i] = dot_of(dyh + i * HD, yh + i * HD, D);
                 for (int64_t i0 = 0; i0 < T; i0 += RB) {
                     int64_t rows = T - i0 < RB ? T - i0 : RB, keys = i0 + rows, cols = round_up8(keys);
-                    float *Pb = P + i0 * Tp, *dSb = dS + i0 * Tp;
-                    gemm_small(rows, cols, D, p.q + i0 * R, R, 1, kt, Tp, Pb, Tp, 0);      /* q . k */
+                    float *Pb = Ph + i0 * Tp, *dSb = dS + i0 * Tp;
+                    if (!probs) gemm_small(rows, cols, D, p.q + i0 * R, R, 1, kt, Tp, Pb, Tp, 0);  /* q . k */
                     gemm_small(rows, cols, D, dyh + i0 * HD, HD, 1, vt, Tp, dSb, Tp, 0);  /* dP = dy . v */
                     for (int64_t r = 0; r < rows; r++) {
                         int64_t i = i0 + r;
                         float *pr = Pb + r * Tp, *dsr = dSb + r * Tp;
                         float li = lh[i], di = delta[i];
+                        if (probs) {  /* saved with zeros above the diagonal */
+                            for (int64_t j0 = 0; j0 < cols; j0 += 8) {
+                                v8f ds = scale * load8(pr + j0) * (load8(dsr + j0) - di);
+                                memcpy(dsr + j0, &ds, sizeof ds);
+                            }
+                            continue;
+                        }
                         /* Zero above the diagonal, up to the block's last column: the dk and dv
                          * products below read these columns of rows i >= j. */
                         for (int64_t j0 = 0; j0 < cols; j0 += 8) {
@@ -347,7 +363,7 @@ int attention_backward(const float *qkv, const float *y, const float *lse, const
                 for (int64_t j0 = 0; j0 < T; j0 += RB) {
                     int64_t rows = T - j0 < RB ? T - j0 : RB;
                     gemm_small(rows, D, T - j0, dS + j0 * Tp + j0, 1, Tp, p.q + j0 * R, R, dk + j0 * R, R, g > 0);
-                    gemm_small(rows, D, T - j0, P + j0 * Tp + j0, 1, Tp, dyh + j0 * HD, HD, dv + j0 * R, R, g > 0);
+                    gemm_small(rows, D, T - j0, Ph + j0 * Tp + j0, 1, Tp, dyh + j0 * HD, HD, dv + j0 * R, R, g > 0);
                 }
             }
         }
