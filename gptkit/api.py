@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from gptkit.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_checkpoint_model
-from gptkit.config import SampleConfig
-from gptkit.errors import CheckpointError, ConfigError
+from gptkit.config import ModelConfig, SampleConfig
+from gptkit.errors import CheckpointError, ConfigError, RequestError, TokenizerError
 from gptkit.generate.generator import Completion, generate_text
 from gptkit.model.gpt import GPT
 from gptkit.model.hf import is_hf_directory, load_hf  # transformers itself is imported lazily
@@ -54,6 +55,10 @@ def check_device(device: str | torch.device) -> torch.device:
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> GPT:
     """A model in eval mode from a gptkit checkpoint (or run) directory, or a Hugging Face GPT-2 /
     Llama directory saved with ``save_pretrained``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(
+            f"path must be a checkpoint or model directory (a str or os.PathLike); got {type(path).__name__}"
+        )
     device = check_device(device)
     directory = resolve_checkpoint_dir(path)
     if is_hf_directory(directory):
@@ -63,6 +68,10 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> GPT:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer of a checkpoint or run directory, a prepared data directory, or a tokenizer.json."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TokenizerError(
+            f"path must be a directory or a tokenizer.json (a str or os.PathLike); got {type(path).__name__}"
+        )
     path = Path(path)
     if path.is_dir():
         path = resolve_checkpoint_dir(path)
@@ -85,6 +94,12 @@ def generate(
     stop: str | tuple[str, ...] | list[str] | None = (),
 ) -> Completion:
     """Complete ``prompt``; returns a Completion with ``.text``, ``.token_ids`` and ``.finish_reason``."""
+    if not isinstance(getattr(model, "config", None), ModelConfig):  # a GPT, or one wrapped (torch.compile)
+        raise RequestError(f"model must be a gptkit GPT (see gptkit.load); got {type(model).__name__}")
+    if not isinstance(tokenizer, Tokenizer):
+        raise RequestError(
+            f"tokenizer must be a gptkit Tokenizer (see gptkit.load_tokenizer); got {type(tokenizer).__name__}"
+        )
     if stop is None:
         stop = ()  # no stop strings, as transformers' stop_strings=None
     elif not isinstance(stop, (str, tuple, list)):

@@ -254,8 +254,10 @@ def _recipe_sample_settings(checkpoint: str) -> dict[str, Any]:
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
-    from gptkit.api import load, load_tokenizer
+    from gptkit.api import load, load_tokenizer, resolve_checkpoint_dir
+    from gptkit.checkpoint import CONFIG_FILE
     from gptkit.config import MAX_SEED, SampleConfig
+    from gptkit.errors import CheckpointError
     from gptkit.generate import stream_text
     from gptkit.generate.generator import check_vocabularies, encode_prompt
 
@@ -278,7 +280,17 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     model = load(args.checkpoint, device=device)
     # The flags given win over the recipe's sample section stored with the checkpoint, which wins
     # over SampleConfig's defaults.
-    sample = SampleConfig(**{**_recipe_sample_settings(args.checkpoint), **given})
+    recipe = {name: value for name, value in _recipe_sample_settings(args.checkpoint).items() if name not in given}
+    for name, value in recipe.items():  # each field is checked alone: the flags given passed already
+        try:
+            SampleConfig(**{name: value})
+        except ConfigError as exc:
+            path = resolve_checkpoint_dir(args.checkpoint) / CONFIG_FILE
+            raise CheckpointError(
+                f"{path}: the recipe saved with the checkpoint has an invalid sample.{name} ({exc}); "
+                f"pass --{name.replace('_', '-')} to override it"
+            ) from None
+    sample = SampleConfig(**{**recipe, **given})
     tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
     check_vocabularies(model, tokenizer)  # before anything is printed
     prompt = args.prompt
@@ -602,11 +614,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _override_in_recipe_slot(args: argparse.Namespace, extra: list[str], argv: list[str]) -> list[str]:
+    """argparse reads an argument that holds a space as a positional one, so
+    ``--data.source="my corpus.txt"`` lands in the recipe's place: put it back among the overrides
+    (in command-line order, since the last of two equal keys wins) and give the recipe's place to
+    the first plain argument left over, if any. Returns the arguments to read as overrides."""
+    config = getattr(args, "config", None)
+    if config is None or not _OVERRIDE.fullmatch(config):
+        return extra
+    plain = next((arg for arg in extra if not arg.startswith("-")), None)
+    args.config = plain
+    rest = [arg for arg in extra if arg is not plain] + [config]
+    return sorted(rest, key=lambda arg: argv.index(arg) if arg in argv else len(argv))
+
+
+_OVERRIDE = re.compile(r"--[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=.*", re.DOTALL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(_join_spaced_overrides(sys.argv[1:] if argv is None else list(argv)))
+    argv = _join_spaced_overrides(sys.argv[1:] if argv is None else list(argv))
+    args, extra = parser.parse_known_args(argv)
     subparser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
-    overrides = _split_overrides(subparser, extra)
+    overrides = _split_overrides(subparser, _override_in_recipe_slot(args, extra, argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

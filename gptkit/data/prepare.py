@@ -137,6 +137,9 @@ def _check_out_dir(out: Path) -> None:
         )
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} exists and is not a directory")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise DataError(f"output {out} lies inside {parent}, which is a file, not a directory")
     if out.is_dir() and any(out.iterdir()):
         try:
             ours = json.loads((out / "meta.json").read_text("utf-8")).get("format") == META_FORMAT
@@ -433,8 +436,19 @@ def load_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
             if shard_total != info["tokens"]:
                 raise ValueError(f"{split} shards hold {shard_total} tokens, not {info['tokens']}")
         for key in ("vocab_size", "eot_id"):
-            if not isinstance(meta[key], int):
+            if not isinstance(meta[key], int) or isinstance(meta[key], bool):
                 raise ValueError(f"{key} is not an integer")
+        if meta["vocab_size"] < 1:
+            raise ValueError(f"vocab_size is {meta['vocab_size']}")
+        if not 0 <= meta["eot_id"] < meta["vocab_size"]:
+            raise ValueError(f"eot_id {meta['eot_id']} is outside the vocabulary of {meta['vocab_size']}")
+        # What check_prepared_from compares (absent or null in an older meta.json).
+        val_fraction = meta.get("val_fraction")
+        if val_fraction is not None and (isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float))):
+            raise ValueError(f"val_fraction is not a number: {val_fraction!r}")
+        for key in ("source", "source_path", "tokenizer"):
+            if meta.get(key) is not None and not isinstance(meta[key], str):
+                raise ValueError(f"{key} is not a string: {meta[key]!r}")
     except KeyError as exc:
         raise DataError(f"{path} is corrupt (no field {exc}); run `gptkit prepare` again") from None
     except (TypeError, ValueError, DataError) as exc:

@@ -308,14 +308,48 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> di
     current = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(_optimizer_state_dict(tensors, state["optimizer"]))
+        check_optimizer_state(optimizer)
         for group, hyper in zip(optimizer.param_groups, current, strict=True):
             group.update(hyper)
         _restore_rng(state)
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
         raise CheckpointError(
             f"cannot resume {directory}: training state does not fit this run ({first_line(exc)})"
         ) from None
     return state
+
+
+def _needed_state(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> set[str]:
+    """The per-parameter entries the step of ``group`` reads once a parameter has state."""
+    from gptkit.train.muon import MuonWithAdamW
+
+    if isinstance(optimizer, MuonWithAdamW) and group.get("use_muon"):
+        return {"momentum_buffer"}
+    if isinstance(optimizer, (torch.optim.AdamW, MuonWithAdamW)):
+        return {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group.get("amsgrad") else set())
+    return set()
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """ValueError unless the state just loaded fits the parameters: every entry the step reads is
+    there, and every tensor (but a scalar step) has its parameter's shape. ``load_state_dict``
+    checks neither, and the fused AdamW kernel would read past a tensor of another shape. The
+    message names the entry as optimizer.safetensors does: ``state.<parameter index>.<name>``."""
+    index = 0
+    for group in optimizer.param_groups:
+        needed = _needed_state(optimizer, group)
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if state:  # none yet: the step makes it
+                missing = sorted(needed - set(state))
+                if missing:
+                    raise ValueError(f"no state.{index}.{missing[0]}")
+                for name, value in state.items():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                        raise ValueError(
+                            f"state.{index}.{name} has shape {tuple(value.shape)}, its parameter {tuple(param.shape)}"
+                        )
+            index += 1
 
 
 # ---------------------------------------------------------------------------------- sharded (DCP)
@@ -511,7 +545,7 @@ def load_full_training_state_sharded(directory: Path, model: GPT, optimizer: tor
             options=StateDictOptions(full_state_dict=True),
         )
         torch.set_rng_state(_decode_rng(state["rng"]["torch"]))
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
         raise CheckpointError(
             f"cannot resume {directory}: training state does not fit this run ({first_line(exc)})"
         ) from None

@@ -60,6 +60,25 @@ def test_load_errors_name_the_problem(tmp_path: Path) -> None:
         gptkit.load_tokenizer(tmp_path / "empty")
 
 
+def test_arguments_of_the_wrong_kind_are_typed_errors(tmp_path: Path) -> None:
+    """Not an AttributeError from deep inside generation, nor pathlib's TypeError."""
+    from gptkit.errors import RequestError, TokenizerError
+
+    tokenizer = train_char_tokenizer(["hello"])
+    model = GPT(dataclasses.replace(BASE, vocab_size=tokenizer.vocab_size)).eval()
+    with pytest.raises(RequestError, match="model must be a gptkit GPT .*; got CharTokenizer"):
+        gptkit.generate(tokenizer, model, "he")  # swapped
+    with pytest.raises(RequestError, match="model must be a gptkit GPT .*; got str"):
+        gptkit.generate(str(tmp_path), tokenizer, "he")
+    with pytest.raises(RequestError, match="tokenizer must be a gptkit Tokenizer .*; got NoneType"):
+        gptkit.generate(model, None, "he")
+    with pytest.raises(CheckpointError, match="path must be a checkpoint or model directory .*; got NoneType"):
+        gptkit.load(None)
+    with pytest.raises(TokenizerError, match="path must be a directory or a tokenizer.json .*; got int"):
+        gptkit.load_tokenizer(3)
+    assert gptkit.generate(model, tokenizer, "he", max_new_tokens=2, seed=0).finish_reason in ("length", "eot")
+
+
 def test_weights_of_another_shape_are_refused(tmp_path: Path) -> None:
     write_model_files(tmp_path / "a", GPT(BASE))
     write_model_files(tmp_path / "b", GPT(dataclasses.replace(BASE, d_model=64)))

@@ -43,6 +43,25 @@ def test_an_override_without_a_value_names_both_forms(capsys: pytest.CaptureFixt
     )
 
 
+def test_an_override_whose_value_holds_a_space_is_not_taken_for_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """argparse reads an argument holding a space as a positional one: `gptkit prepare
+    --data.source="my corpus.txt"` was refused as a recipe path that "looks like a corpus"."""
+    import gptkit.cli
+
+    seen: dict = {}
+
+    def fake_prepare(args, overrides) -> int:
+        seen.update(config=args.config, overrides=overrides)
+        return 0
+
+    monkeypatch.setattr(gptkit.cli, "cmd_prepare", fake_prepare)
+    assert main(["prepare", "--data.source=my corpus.txt", "--data.dir=d"]) == 0
+    assert seen == {"config": None, "overrides": ["--data.source=my corpus.txt", "--data.dir=d"]}
+    # With a recipe after it, and the same key twice: command-line order, so the last one wins.
+    assert main(["prepare", "--data.source", "my corpus.txt", "r.yaml", "--data.source=b c.txt"]) == 0
+    assert seen == {"config": "r.yaml", "overrides": ["--data.source=my corpus.txt", "--data.source=b c.txt"]}
+
+
 def test_version_prints_gptkit_and_torch_versions(capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
@@ -197,6 +216,26 @@ def test_generate_takes_the_recipes_sample_settings_and_flags_win(
     assert sample("--temperature", "3", "--seed", "1", "--top-p", "1e-9") == greedy(5)
     assert greedy(9, 1.5) != greedy(9)
     assert sample("--max-new-tokens", "9", "--repetition-penalty", "1.5") == greedy(9, 1.5)
+
+
+def test_an_invalid_sample_setting_saved_with_the_checkpoint_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gptkit.checkpoint import write_model_files
+    from gptkit.model import GPT, ModelConfig
+    from gptkit.tokenizer import train_char_tokenizer
+
+    tokenizer = train_char_tokenizer(["hello world"])
+    tokenizer.save(tmp_path / "ckpt")
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, d_model=16))
+    write_model_files(tmp_path / "ckpt", model, {"run": {"sample": {"temperature": -1, "max_new_tokens": 2}}})
+    assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "he"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'ckpt' / 'config.json'}: the recipe saved with the checkpoint has an invalid "
+        "sample.temperature (temperature: must be >= 0, got -1); pass --temperature to override it\n"
+    )
+    # The flag overrides the bad value.
+    assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "he", "--temperature", "0"]) == 0
 
 
 def test_sigterm_raised_while_a_log_line_is_written_is_not_swallowed() -> None:

@@ -236,7 +236,7 @@ def test_jsonl_with_a_byte_order_mark(tmp_path):
 def test_prepare_into_an_unwritable_place_is_a_data_error(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(random_text(2000, 0))
-    with pytest.raises(DataError, match="cannot write the prepared data to .*c.txt/data"):
+    with pytest.raises(DataError, match=r"output .*c.txt/data lies inside .*c.txt, which is a file"):
         prepare_dataset(str(corpus), corpus / "data")  # a file where a folder should be
 
 
@@ -851,6 +851,50 @@ def test_old_meta_without_the_new_fields_still_loads_and_trains(prepared_txt, ca
     losses: list[float] = []
     run_training(config, on_step=lambda m: losses.append(m.loss))
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("val_fraction", "abc", "val_fraction is not a number"),
+        ("val_fraction", [0.1], "val_fraction is not a number"),
+        ("vocab_size", 0, "vocab_size is 0"),
+        ("vocab_size", True, "vocab_size is not an integer"),
+        ("eot_id", 99999, "eot_id 99999 is outside the vocabulary"),
+        ("source_path", 5, "source_path is not a string"),
+    ],
+)
+def test_meta_fields_of_the_wrong_kind_are_a_corrupt_meta_json(prepared_txt, field, value, problem):
+    """Not a ValueError from float() in check_prepared_from, nor a model.vocab_size error naming a
+    field the user never set."""
+    from gptkit.train.run import ensure_prepared
+
+    meta = json.loads((prepared_txt / "meta.json").read_text())
+    meta[field] = value
+    (prepared_txt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=re.escape(f"meta.json is corrupt ({problem}")):
+        ensure_prepared(run_config("a.txt", "data/x"))
+
+
+def test_training_refuses_prepared_data_whose_tokenizer_is_damaged(prepared_txt):
+    """The run copies data.dir's tokenizer.json into every checkpoint: a damaged one must stop it
+    before training, not make checkpoints that `gptkit generate` cannot read."""
+    from gptkit.tokenizer import train_char_tokenizer
+    from gptkit.train.run import ensure_prepared
+
+    (prepared_txt / "tokenizer.json").write_text("{}")
+    with pytest.raises(DataError, match=r"tokenizer.json: unknown tokenizer format .*the data set is damaged"):
+        ensure_prepared(run_config("a.txt", "data/x"))
+    train_char_tokenizer(["abc"]).save(prepared_txt)  # loads, but is not the data's tokenizer
+    with pytest.raises(DataError, match=r"tokenizer.json does not fit .*meta.json \(vocabulary 260 "):
+        ensure_prepared(run_config("a.txt", "data/x"))
+
+
+def test_prepare_refuses_an_output_inside_a_file(tmp_path):
+    (tmp_path / "c.txt").write_text(random_text(500, 0))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match=r"lies inside .*afile, which is a file"):
+        prepare_dataset(str(tmp_path / "c.txt"), tmp_path / "afile" / "data")
 
 
 # --- loader ---------------------------------------------------------------------------------------

@@ -133,6 +133,17 @@ def test_resume_refuses_a_changed_model_shape(corpus: Path, tmp_path: Path) -> N
         run_training(changed, resume=True)
 
 
+def test_a_model_too_large_for_memory_is_refused_before_it_is_built(corpus: Path, tmp_path: Path) -> None:
+    """A typo such as model.n_layer=100000000 would otherwise build blocks for hours (or fail with
+    an allocator's traceback); nothing is left in train.out_dir."""
+    out = tmp_path / "run"
+    config = load_run_config(None, recipe(corpus, out, max_steps=2) + ["--model.n_layer=100000000"])
+    with pytest.raises(ConfigError, match=r"the model has [\d,]+ parameters: its weights, gradients and optimizer "
+                       r"state in float32 need at least [\d,.]+ GiB, more than this machine's"):
+        run_training(config)
+    assert not out.exists()
+
+
 def test_weight_decay_only_on_matrices() -> None:
     from gptkit.config import ModelConfig
 
@@ -272,6 +283,26 @@ def _edit_state(checkpoint: Path, **changes) -> None:
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
 
 
+def _edit_optimizer_entry(checkpoint: Path, **changes) -> None:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["optimizer"].update(changes)
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+
+
+def _edit_optimizer_tensor(checkpoint: Path, name: str, tensor: torch.Tensor | None) -> None:
+    """Replace (or with None, drop) one tensor of optimizer.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    path = checkpoint / "optimizer.safetensors"
+    tensors = load_file(str(path))
+    assert name in tensors
+    if tensor is None:
+        del tensors[name]
+    else:
+        tensors[name] = tensor
+    save_file(tensors, str(path))
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -291,9 +322,17 @@ def _edit_state(checkpoint: Path, **changes) -> None:
         (lambda c: _edit_state(c, rng={"torch": "!!not base64!!"}), "training state does not fit this run"),
         (lambda c: _edit_state(c, data={"epoch": -1, "batch_index": 0}),
          "trainer_state.json does not fit this run"),
+        (lambda c: _edit_optimizer_entry(c, scalars=[1]), "training state does not fit this run"),
+        # load_state_dict checks neither: the fused AdamW kernel would read past the 3x3 tensor,
+        # and a missing moment would be a KeyError at the first step.
+        (lambda c: _edit_optimizer_tensor(c, "state.0.exp_avg", torch.zeros(3, 3)),
+         r"training state does not fit this run \(state.0.exp_avg has shape \(3, 3\), its parameter \("),
+        (lambda c: _edit_optimizer_tensor(c, "state.0.exp_avg", None),
+         r"training state does not fit this run \(no state.0.exp_avg\)"),
     ],
     ids=["no-optimizer", "no-state", "weights-only", "corrupt-optimizer", "state-not-json", "no-data",
-         "bad-rng-type", "bad-step", "bad-rng", "bad-data-position"],
+         "bad-rng-type", "bad-step", "bad-rng", "bad-data-position", "bad-optimizer-scalars",
+         "optimizer-moment-of-another-shape", "optimizer-moment-missing"],
 )
 def test_resume_from_a_damaged_checkpoint_names_the_file(finished_run, tmp_path: Path, damage, message) -> None:
     checkpoint, config = copy_of(finished_run, tmp_path)
