@@ -30,6 +30,7 @@ from gptkit.config import ModelConfig, build_dataclass, to_dict
 from gptkit.errors import CheckpointError, ConfigError, first_line
 from gptkit.fileio import atomic_write_json
 from gptkit.model.gpt import GPT
+from gptkit.plan import check_fits_in_memory
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +237,12 @@ def load_checkpoint_model(path: str | Path, *, device: str | torch.device = "cpu
     """A GPT in eval mode from a gptkit checkpoint directory (single file, or sharded only)."""
     directory = Path(path)
     config = read_checkpoint_config(directory)
-    model = GPT(model_config_from_checkpoint(config, directory))
+    model_config = model_config_from_checkpoint(config, directory)
+    try:  # before building it: a hand-edited shape could otherwise take the machine's memory
+        check_fits_in_memory(model_config, trains_here=False, advice="the checkpoint cannot be loaded here")
+    except ConfigError as exc:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: {exc}") from None
+    model = GPT(model_config)
     if not (directory / WEIGHTS_FILE).exists() and has_sharded_state(directory):
         logger.info(
             "%s has sharded weights only; consolidating them in this process "

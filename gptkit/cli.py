@@ -535,8 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='example: gptkit generate out/shakespeare-char --prompt "ROMEO:" --top-k 50 --seed 1 --stop "\\n\\n"',
     )
     generate.add_argument("checkpoint", help="checkpoint or run directory (e.g. out/shakespeare-char)")
-    generate.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    generate.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    prompt_source = generate.add_mutually_exclusive_group()
+    prompt_source.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    prompt_source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     # Sampling flags left out take the recipe's `sample:` section saved with the checkpoint, then
     # the defaults named in the help.
     generate.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 200)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -243,6 +244,30 @@ class Plan:
     @property
     def train_days(self) -> float:
         return self.train_seconds / 86400
+
+
+def check_fits_in_memory(
+    model_config: ModelConfig, *, trains_here: bool,
+    advice: str = "choose a smaller model.* shape (`gptkit plan` estimates sizes)",
+) -> None:
+    """ConfigError when ``model_config`` cannot fit in this machine's memory: building it would
+    otherwise grind for minutes (hours, for a typo such as ``model.n_layer=100000000``) before
+    failing with an allocator's traceback or being killed. Every process builds the whole model
+    in float32 in memory first (4 bytes a parameter); one that trains it there (``trains_here``:
+    one CPU process) also holds its gradients and at least one optimizer moment (12 bytes).
+    ``advice`` ends the message."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # not a system that tells
+        return
+    parameters = count_parameters(model_config)[0]
+    needed = (12 if trains_here else 4) * parameters
+    if needed > memory:
+        what = "weights, gradients and optimizer state" if trains_here else "weights"
+        raise ConfigError(
+            f"the model has {parameters:,} parameters: its {what} in float32 need at least "
+            f"{needed / 2**30:,.1f} GiB, more than this machine's {memory / 2**30:,.1f} GiB of memory; {advice}"
+        )
 
 
 def _check_positive(value: float, name: str) -> None:

@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 
 from gptkit.checkpoint import model_config_from_checkpoint, read_checkpoint_config
-from gptkit.config import ModelConfig, RunConfig, TrainConfig, apply_overrides, run_config_from_dict, to_dict
+from gptkit.config import RunConfig, TrainConfig, apply_overrides, run_config_from_dict, to_dict
 from gptkit.data import load_meta, prepare_dataset
 from gptkit.data.loader import BatchLoader, eval_batches
 from gptkit.distributed.mesh import ParallelDims
 from gptkit.distributed.setup import barrier, init_distributed
 from gptkit.errors import CheckpointError, ConfigError, DataError, GptkitError, TokenizerError, reason
 from gptkit.model.gpt import GPT
+from gptkit.plan import check_fits_in_memory
 from gptkit.tokenizer import load_tokenizer
 from gptkit.train.checkpointing import CHECKPOINT_DIR, PREVIOUS_CHECKPOINT, SET_ASIDE
 from gptkit.train.trainer import StepMetrics, Trainer, TrainSummary
@@ -85,29 +86,6 @@ def check_prepared_tokenizer(data_dir: Path, meta: dict) -> None:
             f"{path} does not fit {data_dir / 'meta.json'} (vocabulary {tokenizer.vocab_size} and end-of-text id "
             f"{tokenizer.eot_id}, meta.json says {meta['vocab_size']} and {meta['eot_id']}); the data set is "
             "damaged, run `gptkit prepare` again"
-        )
-
-
-def check_fits_in_memory(model_config: ModelConfig, *, trains_here: bool) -> None:
-    """ConfigError when ``model_config`` cannot fit in this machine's memory: building it would
-    otherwise grind for minutes (hours, for a typo such as ``model.n_layer=100000000``) before
-    failing with an allocator's traceback or being killed. Every process builds the whole model
-    in float32 in memory first (4 bytes a parameter); one that trains it there (``trains_here``:
-    one CPU process) also holds its gradients and at least one optimizer moment (12 bytes)."""
-    from gptkit.plan import count_parameters
-
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):  # not a system that tells
-        return
-    parameters = count_parameters(model_config)[0]
-    needed = (12 if trains_here else 4) * parameters
-    if needed > memory:
-        what = "weights, gradients and optimizer state" if trains_here else "weights"
-        raise ConfigError(
-            f"the model has {parameters:,} parameters: its {what} in float32 need at least "
-            f"{needed / 2**30:,.1f} GiB, more than this machine's {memory / 2**30:,.1f} GiB of memory; "
-            "choose a smaller model.* shape (`gptkit plan` estimates sizes)"
         )
 
 

@@ -160,3 +160,16 @@ def test_generate_passes_every_sampling_option_on(tmp_path: Path) -> None:
     expected = [int(t) for t in steps]
     assert len(penalised.token_ids) >= 3 and penalised.token_ids == expected[: len(penalised.token_ids)]
     assert penalised.token_ids != greedy.token_ids[: len(penalised.token_ids)]
+
+
+def test_load_refuses_a_config_too_big_for_this_machine_before_building_it(tmp_path: Path) -> None:
+    """A hand-edited config.json (n_layer=10^8) would otherwise build blocks until memory runs out."""
+    import json
+
+    write_model_files(tmp_path / "ckpt", GPT(BASE))
+    config_path = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["n_layer"] = 100_000_000
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: the model has [\d,]+ parameters.*cannot be loaded here"):
+        gptkit.load(tmp_path / "ckpt")  # refused from the config alone: building it would take hours

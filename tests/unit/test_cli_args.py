@@ -175,6 +175,16 @@ def test_prompt_file_is_read_exactly_as_stored(tmp_path: Path, capsys: pytest.Ca
     assert capsys.readouterr().out == "hello\r\nworld\r\n"
 
 
+def test_prompt_and_prompt_file_together_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _tiny_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "prompt.txt").write_text("hello")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(tmp_path / "ckpt"), "--prompt", "he", "--prompt-file", str(tmp_path / "prompt.txt")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--prompt-file: not allowed with argument --prompt" in err and "\n" not in err
+
+
 def test_generate_takes_the_recipes_sample_settings_and_flags_win(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
