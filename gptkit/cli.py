@@ -443,13 +443,22 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
         "tie_embeddings": args.tie,
     }
     shape = {k: v for k, v in shape.items() if v is not None}
-    if args.preset is not None:
-        config, preset = resolve_model(args.preset)
-        model = dataclasses.replace(config, **shape) if shape else preset
-    else:
-        if args.seq_len is not None:
-            shape["block_size"] = args.seq_len
-        model = ModelConfig(**shape)
+    try:
+        if args.preset is not None:
+            config, preset = resolve_model(args.preset)
+            model = dataclasses.replace(config, **shape) if shape else preset
+        else:
+            if args.seq_len is not None:
+                shape["block_size"] = args.seq_len
+            model = ModelConfig(**shape)
+    except ConfigError as exc:  # "model.block_size: ..." names a field; name the flag that set it
+        message = str(exc)
+        flags = {name: "--" + name.replace("_", "-") for name in shape} | {"block_size": "--seq-len"}
+        for field, flag in flags.items():
+            if message.startswith(f"model.{field}:") and (field in shape):
+                message = flag + message[len(f"model.{field}"):]
+                break
+        raise ConfigError(message) from None
     result = plan(
         model,
         seq_len=args.seq_len,

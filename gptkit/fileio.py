@@ -161,10 +161,17 @@ def restore_set_aside(path: str | os.PathLike[str]) -> None:
 
 
 def publish_directory(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
-    """fsync every file under ``tmp``, then rename it to ``target``, replacing any old one whole."""
+    """fsync every file under ``tmp``, then rename it to ``target``, replacing any old one whole.
+
+    Files made private (0600) — what safetensors' ``save_file`` and mkstemp create — get the
+    permissions a plain ``open(path, "w")`` gives (0666 less the umask), like the JSON files next to
+    them: a checkpoint shared on a team's disk must be readable by those who may read its folder."""
     tmp, target = Path(tmp), _link_target(Path(target))
+    usual = 0o666 & ~_umask()
     for child in tmp.rglob("*"):
-        if child.is_file():
+        if child.is_file() and not child.is_symlink():
+            if child.stat().st_mode & 0o777 == 0o600 and usual != 0o600:
+                os.chmod(child, usual)
             with open(child, "rb+") as f:
                 os.fsync(f.fileno())
     if target.exists():

@@ -55,6 +55,24 @@ def test_directory_gets_usual_permissions(tmp_path: Path, umask_022) -> None:
     assert mode(tmp_path / "d") == 0o755
 
 
+def test_checkpoint_weights_get_the_permissions_of_its_json_files(tmp_path: Path, umask_022) -> None:
+    """safetensors' save_file creates its file 0600; a checkpoint's files must all be readable alike."""
+    from gptkit.checkpoint import write_model_files
+    from gptkit.model import GPT, ModelConfig
+    from gptkit.model.hf import save_hf
+
+    model = GPT(ModelConfig(vocab_size=17, block_size=8, n_layer=1, n_head=2, d_model=8))
+    with atomic_directory(tmp_path / "ckpt") as tmp:
+        write_model_files(tmp, model)
+        (tmp / "kept.bin").write_bytes(b"x")
+        (tmp / "kept.bin").chmod(0o640)  # a mode the writer chose is kept
+    assert mode(tmp_path / "ckpt" / "model.safetensors") == mode(tmp_path / "ckpt" / "config.json") == 0o644
+    assert mode(tmp_path / "ckpt" / "kept.bin") == 0o640
+    pytest.importorskip("transformers")
+    save_hf(model, tmp_path / "hf")
+    assert {mode(p) for p in (tmp_path / "hf").iterdir()} == {0o644}
+
+
 def test_failure_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
     target = tmp_path / "t.txt"
     atomic_write_text(target, "old")

@@ -310,3 +310,20 @@ def test_cli_plan_json_refuses_infinite_tokens() -> None:
     )
     assert result.returncode != 0 and "Infinity" not in result.stdout
     assert result.stderr.strip().count("\n") == 0 and "tokens:" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--seq-len", "0"], "--seq-len: must be > 0"),
+        (["--n-layer", "0"], "--n-layer: must be > 0"),
+        (["--preset", "gpt2", "--d-model", "100"], "--d-model: must be divisible"),
+    ],
+)
+def test_cli_plan_errors_name_the_flag_given(flags: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not the ModelConfig field behind it (``model.block_size`` for --seq-len)."""
+    from gptkit.cli import main
+
+    assert main(["plan", *flags]) != 0
+    err = capsys.readouterr().err.strip()
+    assert named in err and "\n" not in err
