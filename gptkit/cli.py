@@ -632,10 +632,16 @@ def _override_in_recipe_slot(args: argparse.Namespace, extra: list[str], argv: l
     config = getattr(args, "config", None)
     if config is None or not _OVERRIDE.fullmatch(config):
         return extra
-    plain = next((arg for arg in extra if not arg.startswith("-")), None)
-    args.config = plain
-    rest = [arg for arg in extra if arg is not plain] + [config]
-    return sorted(rest, key=lambda arg: argv.index(arg) if arg in argv else len(argv))
+    first_plain = next((index for index, arg in enumerate(extra) if not arg.startswith("-")), None)
+    args.config = None if first_plain is None else extra[first_plain]
+    rest = [arg for index, arg in enumerate(extra) if index != first_plain] + [config]
+    # Each argument takes its own place in argv: two equal strings (the same key and value given
+    # twice) must not both take the first one's place, or a later other value would end up last.
+    places: dict[str, list[int]] = {}
+    for index, arg in enumerate(argv):
+        places.setdefault(arg, []).append(index)
+    keyed = [(places[arg].pop(0) if places.get(arg) else len(argv), arg) for arg in rest]
+    return [arg for _, arg in sorted(keyed, key=lambda pair: pair[0])]
 
 
 _OVERRIDE = re.compile(r"--[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=.*", re.DOTALL)

@@ -292,3 +292,17 @@ def test_train_keeps_freed_memory_unless_malloc_is_configured(monkeypatch) -> No
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # another of glibc's knobs: ours still apply
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert _keep_freed_memory() is True
+
+
+def test_the_same_spaced_override_given_twice_keeps_its_last_place(tmp_path: Path) -> None:
+    """--data.source="a b" --data.source=c --data.source="a b": the last one given wins ("a b"), even
+    though the first, holding a space, landed in the recipe's place and was put back."""
+    import json
+
+    corpus = tmp_path / "my corpus.txt"
+    corpus.write_text("to be or not to be, that is the question. " * 40)
+    missing = tmp_path / "missing.txt"
+    argv = ["prepare", f"--data.source={corpus}", f"--data.source={missing}", f"--data.source={corpus}",
+            f"--data.dir={tmp_path / 'data'}", "--data.tokenizer=char"]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["source_path"] == str(corpus)
