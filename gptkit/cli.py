@@ -452,13 +452,10 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
                 shape["block_size"] = args.seq_len
             model = ModelConfig(**shape)
     except ConfigError as exc:  # "model.block_size: ..." names a field; name the flag that set it
-        message = str(exc)
-        flags = {name: "--" + name.replace("_", "-") for name in shape} | {"block_size": "--seq-len"}
-        for field, flag in flags.items():
-            if message.startswith(f"model.{field}:") and (field in shape):
-                message = flag + message[len(f"model.{field}"):]
-                break
-        raise ConfigError(message) from None
+        flags = {name: "--seq-len" if name == "block_size" else "--" + name.replace("_", "-") for name in shape}
+        field, _, rest = str(exc).partition(":")
+        flag = flags.get(field.removeprefix("model."))
+        raise ConfigError(f"{flag}:{rest}" if flag else str(exc)) from None
     result = plan(
         model,
         seq_len=args.seq_len,

@@ -170,7 +170,7 @@ def publish_directory(tmp: str | os.PathLike[str], target: str | os.PathLike[str
     usual = 0o666 & ~_umask()
     for child in tmp.rglob("*"):
         if child.is_file() and not child.is_symlink():
-            if child.stat().st_mode & 0o777 == 0o600 and usual != 0o600:
+            if child.stat().st_mode & 0o777 == 0o600:
                 os.chmod(child, usual)
             with open(child, "rb+") as f:
                 os.fsync(f.fileno())

@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn.modules import module as _module_globals
 
 from gptkit.model import attention_kernel
+from gptkit.model.attention_kernel import _address
 from gptkit.model.cpu_kernels import POINTER, SIZE, THREADS, _eager, load_library
 from gptkit.model.layers import MLP, AttentionContext, Block, CausalSelfAttention, LayerNorm, RMSNorm, RotaryEmbedding
 
@@ -442,7 +443,7 @@ class _FusedTrunk(torch.autograd.Function):
         arena = lease.arena
         assert arena is not None
         out = torch.empty(N, C, dtype=torch.float32, device="cpu")  # the final norm's output: the caller's to keep
-        ptrs = [None if p is None else p.data_ptr() for p in params]
+        ptrs = [_address(p) for p in params]
         table, positions, final_w, final_b = params[:4]
         center = int(s.layer_norm)
         cos, sin = ctx_tables = _rope_tables(model, s)
@@ -505,7 +506,7 @@ class _FusedTrunk(torch.autograd.Function):
         center = int(s.layer_norm)
         cos, sin = ctx.tables
         block_params = params[4:]
-        ptrs = [None if p is None else p.data_ptr() for p in block_params]
+        ptrs = [_address(p) for p in block_params]
 
         def has_down_bias(layer: int) -> bool:
             return block_params[_PER_BLOCK * layer + 11] is not None
@@ -516,9 +517,6 @@ class _FusedTrunk(torch.autograd.Function):
         def new(*size: int) -> torch.Tensor:
             return torch.empty(size, dtype=torch.float32, device="cpu")
 
-        def ptr(t: torch.Tensor | None) -> int | None:
-            return None if t is None else t.data_ptr()
-
         d_out = grad_out.reshape(N, C)
         if not d_out.is_contiguous():
             d_out = d_out.contiguous()
@@ -528,7 +526,7 @@ class _FusedTrunk(torch.autograd.Function):
         d_next = st[f"dx{s.layers % 2}"]  # the layers below alternate between dx0 and dx1
         _check(lib.layer_norm_backward(d_out.data_ptr(), arena.final.p["x"], arena.final.p["m"], arena.final.p["r"],
                                        final_w.data_ptr(), None, d_next.data_ptr(), d_final_w.data_ptr(),
-                                       ptr(d_final_b), ptr(d_bd), N, C, center, threads))
+                                       _address(d_final_b), _address(d_bd), N, C, center, threads))
         for layer in reversed(range(s.layers)):
             w1, b1, wqkv, bqkv, wo, bo, w2, b2, wup, bup, wd, bd = block_params[_PER_BLOCK * layer:][:_PER_BLOCK]
             pw = ptrs[_PER_BLOCK * layer:][:_PER_BLOCK]
@@ -538,15 +536,15 @@ class _FusedTrunk(torch.autograd.Function):
             d_wd = torch.mm(d_next.t(), t["g"])
             d_bup = new(s.up) if bup is not None else None
             if s.gated:
-                _check(lib.swiglu_backward(sp["dg"], p["h"], sp["dh"], ptr(d_bup), N, s.hidden, threads))
+                _check(lib.swiglu_backward(sp["dg"], p["h"], sp["dh"], _address(d_bup), N, s.hidden, threads))
             else:
-                _check(lib.gelu_backward_colsum(sp["dg"], p["h"], sp["dh"], ptr(d_bup), N, s.hidden, threads))
+                _check(lib.gelu_backward_colsum(sp["dg"], p["h"], sp["dh"], _address(d_bup), N, s.hidden, threads))
             torch.mm(st["dh"], wup, out=st["da"])
             d_wup = torch.mm(st["dh"].t(), t["a2"])
             # LayerNorm 2 and the residual around it; its column sums are the out projection's bias gradient
             d_w2, d_b2, d_bo = new(C), new(C) if b2 is not None else None, new(C) if bo is not None else None
             _check(lib.layer_norm_backward(sp["da"], p["xn"], p["m2"], p["r2"], pw[6], d_next.data_ptr(), sp["dxn"],
-                                           d_w2.data_ptr(), ptr(d_b2), ptr(d_bo), N, C, center, threads))
+                                           d_w2.data_ptr(), _address(d_b2), _address(d_bo), N, C, center, threads))
             # Attention: xn = x + attention(a1 Wqkv^T + bqkv) Wo^T + bo
             torch.mm(st["dxn"], wo, out=st["dy"])
             d_wo = torch.mm(st["dxn"].t(), t["y"])
@@ -564,7 +562,7 @@ class _FusedTrunk(torch.autograd.Function):
             d_w1, d_b1 = new(C), new(C) if b1 is not None else None
             d_bd_below = new(C) if layer > 0 and has_down_bias(layer - 1) else None
             _check(lib.layer_norm_backward(sp["da"], p["x"], p["m1"], p["r1"], pw[0], sp["dxn"], d_x.data_ptr(),
-                                           d_w1.data_ptr(), ptr(d_b1), ptr(d_bd_below), N, C, center, threads))
+                                           d_w1.data_ptr(), _address(d_b1), _address(d_bd_below), N, C, center, threads))
             grads[_PER_BLOCK * layer: _PER_BLOCK * (layer + 1)] = [
                 d_w1, d_b1, d_wqkv, d_bqkv, d_wo, d_bo, d_w2, d_b2, d_wup, d_bup, d_wd, d_bd,
             ]
@@ -572,7 +570,7 @@ class _FusedTrunk(torch.autograd.Function):
         # The embeddings: scatter-add into the token table, sum over the batch into the position table.
         d_table = torch.zeros_like(table)
         d_positions = None if positions is None else torch.zeros_like(positions)
-        lib.embed_backward(tokens.data_ptr(), d_next.data_ptr(), d_table.data_ptr(), ptr(d_positions), s.B, s.T, C)
+        lib.embed_backward(tokens.data_ptr(), d_next.data_ptr(), d_table.data_ptr(), _address(d_positions), s.B, s.T, C)
         if not torch._C._autograd._get_current_graph_task_keep_graph():
             lease.give_back()  # retain_graph=True keeps it until the graph itself is freed
         return (None, None, None, None, d_table, d_positions, d_final_w, d_final_b, *grads)

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from gptkit.model import GPT, ModelConfig, attention_kernel, fused_trunk
 from gptkit.model.layers import AttentionContext, CausalSelfAttention
 
+from call_counter import Calls  # noqa: E402  (tests/unit, on sys.path)
+
 REPO = Path(__file__).resolve().parents[2]
 needs_compiler = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler on this machine"
@@ -200,19 +202,10 @@ def test_covers_only_plain_short_cpu_float32() -> None:
 SMALL = ModelConfig(vocab_size=61, block_size=24, n_layer=2, n_head=4, d_model=32)
 
 
-class KernelCalls:
+def KernelCalls(monkeypatch: pytest.MonkeyPatch, *, allowed: bool = True) -> Calls:
     """Counts the model's calls of the fused kernel (or forbids them)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, allowed: bool = True) -> None:
-        self.count = 0
-        original = attention_kernel.fused_causal_attention
-
-        def spy(*args, **kwargs):
-            assert allowed, "the fused kernel ran where SDPA must"
-            self.count += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(attention_kernel, "fused_causal_attention", spy)
+    return Calls(monkeypatch, attention_kernel, "fused_causal_attention", allowed=allowed,
+                 forbidden="the fused kernel ran where SDPA must")
 
 
 def make_pair(seed: int = 0, **overrides) -> GPT:

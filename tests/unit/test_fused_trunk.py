@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from gptkit.model import GPT, ModelConfig, fused_trunk
 from gptkit.model.layers import AttentionContext
 
+from call_counter import Calls  # noqa: E402  (tests/unit, on sys.path)
+
 pytestmark = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler on this machine"
 )
@@ -24,19 +26,9 @@ SMALL = ModelConfig(n_layer=3, n_head=4, d_model=32, block_size=40, vocab_size=6
 CAUSAL = AttentionContext(rope=None, mask=None, is_causal=True, cache=None)
 
 
-class FusedCalls:
+def FusedCalls(monkeypatch: pytest.MonkeyPatch, *, allowed: bool = True) -> Calls:
     """Counts the fused node's forwards (and can forbid them) by wrapping ``fused_trunk.run``."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, allowed: bool = True) -> None:
-        self.count = 0
-        original = fused_trunk.run
-
-        def counting(*args, **kwargs):
-            assert allowed, "the fused blocks ran where they must not"
-            self.count += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(fused_trunk, "run", counting)
+    return Calls(monkeypatch, fused_trunk, "run", allowed=allowed, forbidden="the fused blocks ran where they must not")
 
 
 def model_and_copy(seed: int = 0, **overrides) -> tuple[GPT, GPT]:
