@@ -10,11 +10,18 @@ from other processes hits all of them alike; each reports the median over rounds
     python benchmarks/train_throughput.py --quick    # smoke test, < 60 s
     python benchmarks/train_throughput.py --compile  # adds a torch.compile'd gptkit row
     python benchmarks/train_throughput.py --unfused  # adds gptkit run module by module (no fused trunk)
-    python benchmarks/train_throughput.py --peak-last  # measures the matmul peak after the rounds only
+    python benchmarks/train_throughput.py --allocator warm  # the char shape in one allocator state only
 
-The peak is measured before the rounds by default: freeing its 16 MB matrices raises glibc's mmap
-threshold, after which HF's step stops page-faulting (~2,900 faults a step before, ~60 after) and runs
-~10% faster; gptkit's step takes no page faults either way. ``--peak-last`` shows the other state.
+glibc's allocator changes state once in a process: freeing a large block (16 MB here) raises its
+mmap and trim thresholds, after which freed memory stays in the process. Before that, an HF step at
+the char shape page-faults ~2,900 times (its intermediate tensors are fresh mappings, or heap the
+allocator hands back to the OS at each step) and runs ~10% slower; after it, ~60 times. A gptkit step
+takes no page faults in either state (the fused trunk's arena). So the char shape runs twice on the
+same models: "fresh" rounds first, as a process has it before it frees a large block, then the
+matmul peak is measured (its 16 MB matrices are that large free), then "warm" rounds. Each row
+shows its page faults per step. The GPT-2 124M shape runs once, after the peak measurement (warm);
+at that size most of a step's page faults come from blocks above glibc's 32 MB mmap ceiling (the
+logits), which are fresh mappings in either state.
 
 A third row, "plain PyTorch GPT (nanoGPT-style)" (``_plain_gpt.py``: nn.Linear, nn.LayerNorm, F.gelu,
 SDPA; the same weights), shows what the same model costs in straightforward PyTorch on this machine
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +56,10 @@ from gptkit.model.hf import to_hf
 from gptkit.train.optim import parameter_groups
 
 PLAIN_NAME = "plain PyTorch GPT (nanoGPT-style)"
+HF_NAME = "HF GPT2LMHeadModel (sdpa)"
+FRESH = "fresh"  # allocator state names (see the module docstring)
+WARM = "warm"
+TARGET = 1.5  # the issue's target for gptkit / HF at the char shape
 LR = 1e-3
 WEIGHT_DECAY = 0.1
 CLIP = 1.0
@@ -74,6 +86,10 @@ class Impl:
     first_step_seconds: float = 0.0
     last_loss: float = float("nan")
     steps_done: int = 0
+    page_faults: int = 0  # minor + major page faults of the process during this phase's timed steps
+
+    def start_phase(self) -> None:
+        self.step_seconds, self.round_medians, self.page_faults = [], [], 0
 
     def __post_init__(self) -> None:
         self.optimizer = torch.optim.AdamW(
@@ -128,7 +144,7 @@ def build_impls(config: ModelConfig, *, compile_gptkit: bool, plain: bool = True
     compiled_source = copy.deepcopy(gk) if compile_gptkit else None
     impls = [
         Impl("gptkit GPT", gk, lambda x: gk(x)),
-        Impl("HF GPT2LMHeadModel (sdpa)", hf, lambda x: hf(input_ids=x).logits),
+        Impl(HF_NAME, hf, lambda x: hf(input_ids=x).logits),
     ]
     if unfused:
         separate = copy.deepcopy(gk)
@@ -143,8 +159,24 @@ def build_impls(config: ModelConfig, *, compile_gptkit: bool, plain: bool = True
     return impls, gk
 
 
-def run_shape(shape: Shape, *, compile_gptkit: bool, plain: bool, unfused: bool,
-              peak: float) -> tuple[list[list[object]], list[str]]:
+def page_faults() -> int:
+    """Minor + major page faults of this process so far (getrusage)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
+
+
+@dataclass
+class Phase:
+    """One set of alternating rounds, in one allocator state; ``before`` runs first (e.g. the peak)."""
+
+    name: str
+    before: Callable[[], None] | None = None
+
+
+def run_shape(shape: Shape, phases: list[Phase], *, compile_gptkit: bool, plain: bool, unfused: bool,
+              ) -> tuple[list[dict[str, object]], list[str]]:
+    """Warm-up, then the rounds of each phase on the same models. Returns one row (a dict) per
+    implementation and phase, and notes for the report."""
     config = shape.config
     log(f"[{shape.name}] building models")
     impls, gk = build_impls(config, compile_gptkit=compile_gptkit, plain=plain, unfused=unfused)
@@ -163,12 +195,14 @@ def run_shape(shape: Shape, *, compile_gptkit: bool, plain: bool, unfused: bool,
     def run_steps(impl: Impl, n: int) -> list[float]:
         times = []
         loss = None
+        faults_before = page_faults()
         for _ in range(n):
             x, y = batches[impl.steps_done % len(batches)]
             start = time.perf_counter()
             loss = train_step(impl, x, y)
             times.append(time.perf_counter() - start)
             impl.steps_done += 1
+        impl.page_faults += page_faults() - faults_before
         if loss is not None:
             impl.last_loss = float(loss)
         return times
@@ -181,54 +215,59 @@ def run_shape(shape: Shape, *, compile_gptkit: bool, plain: bool, unfused: bool,
         if shape.warmup > 1:
             run_steps(impl, shape.warmup - 1)
 
-    for r in range(shape.rounds):
-        k = r % len(impls)
-        order = impls[k:] + impls[:k]  # rotate who goes first each round
-        for impl in order:
-            times = run_steps(impl, shape.steps)
-            impl.step_seconds.extend(times)
-            impl.round_medians.append(median(times))
-        log(
-            f"[{shape.name}] round {r + 1}/{shape.rounds}: "
-            + ", ".join(f"{i.name} {i.round_medians[-1] * 1e3:.1f} ms/step" for i in impls)
-        )
+    rows: list[dict[str, object]] = []
+    for phase in phases:
+        if phase.before is not None:
+            phase.before()
+        for impl in impls:
+            impl.start_phase()
+        for r in range(shape.rounds):
+            k = r % len(impls)
+            order = impls[k:] + impls[:k]  # rotate who goes first each round
+            for impl in order:
+                times = run_steps(impl, shape.steps)
+                impl.step_seconds.extend(times)
+                impl.round_medians.append(median(times))
+            log(
+                f"[{shape.name}, {phase.name}] round {r + 1}/{shape.rounds}: "
+                + ", ".join(f"{i.name} {i.round_medians[-1] * 1e3:.1f} ms/step" for i in impls)
+            )
+        hf = next(impl for impl in impls if impl.name == HF_NAME)
+        hf_tps = tokens_per_step / median(hf.step_seconds)
+        for impl in impls:
+            step = median(impl.step_seconds)
+            tps = tokens_per_step / step
+            rows.append({
+                "shape": shape.name,
+                "allocator": phase.name,
+                "implementation": impl.name,
+                "step": step,
+                "best": min(impl.step_seconds),
+                "tokens/s": tps,
+                "model FLOP/s": tps * fpt,
+                "vs HF": tps / hf_tps,
+                # Each round's HF time over this implementation's time in the same round: load that
+                # lasts a round hits both, so the median of these ratios is steadier than a ratio of medians.
+                "vs HF per round": median([h / g for h, g in zip(hf.round_medians, impl.round_medians)]),
+                "page faults/step": impl.page_faults / len(impl.step_seconds),
+                "loss": impl.last_loss,
+            })
 
-    by_name = {impl.name: impl for impl in impls}
-    hf = by_name["HF GPT2LMHeadModel (sdpa)"]
-    hf_tps = tokens_per_step / median(hf.step_seconds)
-    rows = []
     notes = [
         f"{shape.name}: n_layer={config.n_layer}, n_head={config.n_head}, d_model={config.d_model}, "
         f"block_size={config.block_size}, vocab={config.vocab_size}, batch={shape.batch} "
         f"({tokens_per_step} tokens/step); unique params {gk.num_parameters() / 1e6:.2f}M; "
         f"N_nonembedding + vocab*d_model = {matmul_params / 1e6:.2f}M; "
         f"model FLOPs/token = {fpt / 1e6:.1f} MFLOP; {shape.warmup} warm-up + {shape.rounds} rounds x "
-        f"{shape.steps} timed steps per implementation (median over all {shape.rounds * shape.steps} timed steps)",
+        f"{shape.steps} timed steps per implementation and allocator state (median over all "
+        f"{shape.rounds * shape.steps} timed steps)",
     ]
     for impl in impls:
-        step = median(impl.step_seconds)
-        tps = tokens_per_step / step
-        mfu = tps * fpt / peak
-        rows.append(
-            [
-                shape.name,
-                impl.name,
-                f"{step * 1e3:.1f}",
-                f"{min(impl.step_seconds) * 1e3:.1f}",
-                f"{tps:,.0f}",
-                f"{mfu * 100:.1f}%",
-                f"{tps / hf_tps:.2f}x",
-                # Each round's HF time over this implementation's time in the same round: load that
-                # lasts a round hits both, so the median of these ratios is steadier than a ratio of medians.
-                f"{median([h / g for h, g in zip(hf.round_medians, impl.round_medians)]):.2f}x",
-                f"{impl.last_loss:.4f}",
-            ]
-        )
         if "compile" in impl.name:
             notes.append(
-                f"{shape.name}: torch.compile first step took {impl.first_step_seconds:.1f} s "
-                f"(compile time ~ {impl.first_step_seconds - step:.1f} s; less when inductor's on-disk cache is warm "
-                "from an earlier run), not counted in the rows"
+                f"{shape.name}: torch.compile first step took {impl.first_step_seconds:.1f} s (compile time "
+                f"~ {impl.first_step_seconds - median(impl.step_seconds):.1f} s; less when inductor's on-disk "
+                "cache is warm from an earlier run), not counted in the rows"
             )
     del impls, gk
     return rows, notes
@@ -272,8 +311,9 @@ def main() -> None:
     parser.add_argument("--gpt2-steps", type=int, default=1, help="timed steps per round (GPT-2 124M)")
     parser.add_argument("--gpt2-rounds", type=int, default=6)
     parser.add_argument("--profile", action="store_true", help="also print profiler tables for the char shape")
-    parser.add_argument("--peak-last", action="store_true",
-                        help="measure the matmul peak only after the rounds (see the module docstring)")
+    parser.add_argument("--allocator", choices=["both", FRESH, WARM], default="both",
+                        help="the char shape's allocator states: fresh rounds, then warm ones (default), "
+                        "or one of them (see the module docstring)")
     args = parser.parse_args()
     load_at_start = os.getloadavg()
     set_threads(args.threads)
@@ -296,32 +336,52 @@ def main() -> None:
                                 args.gpt2_rounds))
         else:
             parser.error(f"unknown shape {name!r}; choose from char, gpt2")
+    shapes.sort(key=lambda shape: shape.name != "char 0.8M")  # the char shape's fresh rounds come first
 
-    peak_before = None
-    if not args.peak_last:
-        log("measuring fp32 matmul peak")
-        peak_before = matmul_peak_flops()
-    provisional = peak_before or 1e9  # MFU is computed against this, then rescaled to the best peak
+    peaks: list[tuple[str, float]] = []  # (when, FLOP/s)
+
+    def measure_peak(when: str) -> None:
+        log(f"measuring fp32 matmul peak ({when})")
+        peaks.append((when, matmul_peak_flops()))
+
+    if args.allocator == WARM or "char" not in wanted:
+        measure_peak("before the rounds")
     results, notes = [], []
     for shape in shapes:
-        rows, shape_notes = run_shape(shape, compile_gptkit=args.compile, plain=not args.no_plain,
-                                      unfused=args.unfused, peak=provisional)
+        if shape.name != "char 0.8M":
+            phases = [Phase(WARM, None if peaks else lambda: measure_peak("before the rounds"))]
+        elif args.allocator == "both":
+            phases = [Phase(FRESH), Phase(WARM, lambda: measure_peak("between the fresh and warm rounds"))]
+        else:
+            phases = [Phase(args.allocator)]
+        rows, shape_notes = run_shape(shape, phases, compile_gptkit=args.compile, plain=not args.no_plain,
+                                      unfused=args.unfused)
         results.extend(rows)
         notes.extend(shape_notes)
-    peak_after = matmul_peak_flops()
-    peak = max(peak_before or 0.0, peak_after)
-    if peak != provisional:
-        for row in results:
-            row[5] = f"{float(row[5].rstrip('%')) * provisional / peak:.1f}%"
+    measure_peak("after the rounds")
+    peak = max(flops for _, flops in peaks)
 
     print("## Training throughput: gptkit vs Hugging Face transformers\n")
     print(
         markdown_table(
-            ["shape", "implementation", "ms/step (median)", "ms/step (best)", "tokens/s", "MFU",
-             "tokens/s vs HF", "vs HF, median of per-round ratios", "loss after last step"],
-            results,
+            ["shape", "allocator", "implementation", "ms/step (median)", "ms/step (best)", "tokens/s", "MFU",
+             "tokens/s vs HF", "vs HF, median of per-round ratios", "page faults/step", "loss after last step"],
+            [
+                [row["shape"], row["allocator"], row["implementation"], f"{row['step'] * 1e3:.1f}",
+                 f"{row['best'] * 1e3:.1f}", f"{row['tokens/s']:,.0f}", f"{row['model FLOP/s'] / peak * 100:.1f}%",
+                 f"{row['vs HF']:.2f}x", f"{row['vs HF per round']:.2f}x", f"{row['page faults/step']:,.0f}",
+                 f"{row['loss']:.4f}"]
+                for row in results
+            ],
         )
     )
+    target_lines = [
+        f"{row['allocator']}: {row['vs HF']:.2f}x (median of per-round ratios {row['vs HF per round']:.2f}x)"
+        for row in results if row["shape"] == "char 0.8M" and row["implementation"] == "gptkit GPT"
+    ]
+    if target_lines:
+        print(f"\nTarget: gptkit / HF tokens/s at the char shape >= {TARGET}x; "
+              + "; ".join(target_lines) + "\n")
     print()
     print("How it was run:\n")
     for line in environment_lines(
@@ -329,13 +389,16 @@ def main() -> None:
             "step": "forward + cross-entropy + backward + clip_grad_norm_(1.0) + AdamW(fused=True, lr=1e-3, "
             f"betas=(0.9, 0.95), weight_decay={WEIGHT_DECAY} on >=2-D params via parameter_groups) + "
             "zero_grad(set_to_none=True); same initial weights (to_hf) and same batches for every row",
+            "allocator": "glibc malloc's state: fresh = before the process's first free of a 16 MB block (its "
+            "mmap and trim thresholds only as high as smaller frees raised them); warm = after it (thresholds "
+            "raised to 16 and 32 MB: freed memory stays in the process); page faults/step from getrusage over "
+            "the timed steps",
             "MFU": "tokens/s * model FLOPs per token / fp32 matmul peak; model FLOPs per token = "
             "6 * (N_nonembedding + vocab * d_model) + 12 * n_layer * d_model * block_size (PaLM, with the "
             "LM-head matmul counted)",
-            "fp32 matmul peak (torch.mm 2048x2048, best of 10)": (
-                f"{peak_before / 1e9:.1f} GFLOP/s before" if peak_before is not None
-                else "not measured before (--peak-last)"
-            ) + f", {peak_after / 1e9:.1f} GFLOP/s after the runs; MFU uses the best, {peak / 1e9:.1f} GFLOP/s",
+            "fp32 matmul peak (torch.mm 2048x2048, best of 10)": ", ".join(
+                f"{flops / 1e9:.1f} GFLOP/s {when}" for when, flops in peaks
+            ) + f"; MFU uses the best, {peak / 1e9:.1f} GFLOP/s",
         },
         load_at_start,
     ):
