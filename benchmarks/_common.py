@@ -118,32 +118,42 @@ WEIGHT_STREAM_METHODS = {
 }
 
 
-def weight_stream_seconds(n_bytes: int, width: int = 768, repeats: int = 10) -> dict[str, float]:
-    """Time to read ``n_bytes`` of fp32 weights once, by several methods, best of ``repeats`` each.
+class WeightReader:
+    """A buffer of ``n_bytes`` of fp32, as many bytes as a model's weights, and the ways to read it
+    once (the keys of WEIGHT_STREAM_METHODS; the gptkit kernel only where it builds).
 
     A decode step at small batch has to read every weight once, so none of these can be beaten by
     it: the matrix-vector products are what a decode step does, the plain read (a sum) is the
-    least work that still touches every byte. Keys are those of WEIGHT_STREAM_METHODS (the
-    gptkit kernel only where it builds).
+    least work that still touches every byte.
     """
-    rows = max(1, n_bytes // 4 // width)
-    gen = torch.Generator().manual_seed(0)
-    buffer = torch.randn(rows * width, generator=gen)
-    out_in = buffer.view(rows, width)
-    in_out = buffer.view(width, rows)
-    vector = torch.randn(width, generator=gen)
-    out = torch.empty(rows)
-    row_vector = vector[None]
-    times = {
-        "mv_out_in": best_time(lambda: torch.mv(out_in, vector, out=out), repeats, warmup=2),
-        "vm_in_out": best_time(lambda: torch.mm(row_vector, in_out), repeats, warmup=2),
-    }
-    one_row = OneRowLinear.for_linear(out_in, None)
-    if one_row is not None:
-        times["gptkit_one_row"] = best_time(lambda: one_row(vector), repeats, warmup=2)
-    times["sum"] = best_time(lambda: buffer.sum(), repeats, warmup=2)
-    del buffer, out_in, in_out
-    return times
+
+    def __init__(self, n_bytes: int, width: int = 768) -> None:
+        rows = max(1, n_bytes // 4 // width)
+        gen = torch.Generator().manual_seed(0)
+        buffer = torch.randn(rows * width, generator=gen)
+        out_in = buffer.view(rows, width)
+        in_out = buffer.view(width, rows)
+        vector = torch.randn(width, generator=gen)
+        out = torch.empty(rows)
+        row_vector = vector[None]
+        self.reads: dict[str, Callable[[], object]] = {
+            "mv_out_in": lambda: torch.mv(out_in, vector, out=out),
+            "vm_in_out": lambda: torch.mm(row_vector, in_out),
+        }
+        one_row = OneRowLinear.for_linear(out_in, None)
+        if one_row is not None:
+            self.reads["gptkit_one_row"] = lambda: one_row(vector)
+        self.reads["sum"] = lambda: buffer.sum()
+
+    def best(self, method: str, repeats: int, warmup: int = 2) -> float:
+        """The fastest of ``repeats`` reads by ``method``, in seconds."""
+        return best_time(self.reads[method], repeats, warmup=warmup)
+
+    def once(self, method: str) -> float:
+        """One read by ``method``, in seconds."""
+        start = time.perf_counter()
+        self.reads[method]()
+        return time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------------------------
