@@ -5,8 +5,10 @@ must give the same tokens (reported as a column). A memory-bandwidth floor is me
 run: the time to read the model's unique fp32 parameters once (the fastest of matrix-vector products
 in both weight layouts and a plain sum over a buffer of the same size), which a batch-1 decode step
 cannot beat on a CPU. The machine's memory bandwidth drifts with other tenants' load, so the floor is
-also measured right before each gptkit run: the batch-1 target compares each round's step with the
-floor next to it (median over rounds), and the table with the fastest floor of the whole run.
+also measured around each gptkit round: the batch-1 target compares that round's median time between
+tokens with the median of single reads of the weights taken around it (noise lengthens both alike),
+median over rounds. The report also gives each round's mean step against the best of 5 reads before
+it, and the table the fastest floor of the whole run (the strictest figures).
 
 Rounds alternate between the implementations (and rotate who goes first) so that load from other
 processes hits both alike; each figure is the median over rounds.
@@ -57,8 +59,6 @@ def run_gptkit(model: GPT, prompt: torch.Tensor, new_tokens: int) -> tuple[torch
             last = now
         total = time.perf_counter() - start
     return torch.stack([first, *rest], dim=1), total, prefill, gaps
-
-
 
 
 def run_hf(hf: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
