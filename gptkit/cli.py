@@ -424,6 +424,14 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
 # ---------------------------------------------------------------------------------- plan
 
 
+# The ModelConfig fields `gptkit plan` sets from flags: its errors name the flag, not the field.
+_PLAN_FLAGS = {
+    "n_layer": "--n-layer", "n_head": "--n-head", "n_kv_head": "--n-kv-head", "d_model": "--d-model",
+    "d_ff": "--d-ff", "vocab_size": "--vocab-size", "mlp": "--mlp", "tie_embeddings": "--tie",
+    "block_size": "--seq-len",
+}
+
+
 def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     import json
 
@@ -451,11 +459,9 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
             if args.seq_len is not None:
                 shape["block_size"] = args.seq_len
             model = ModelConfig(**shape)
-    except ConfigError as exc:  # "model.block_size: ..." names a field; name the flag that set it
-        flags = {name: "--seq-len" if name == "block_size" else "--" + name.replace("_", "-") for name in shape}
-        field, _, rest = str(exc).partition(":")
-        flag = flags.get(field.removeprefix("model."))
-        raise ConfigError(f"{flag}:{rest}" if flag else str(exc)) from None
+    except ConfigError as exc:  # "model.block_size: ..." names fields; name the flags that set them
+        message = re.sub(r"\bmodel\.(\w+)", lambda m: _PLAN_FLAGS.get(m.group(1), m.group(0)), str(exc))
+        raise ConfigError(message) from None
     result = plan(
         model,
         seq_len=args.seq_len,

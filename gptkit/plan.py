@@ -480,6 +480,11 @@ def plan(
     dp = gpus // tp
     n, n_body = count_parameters(c)
     tokens_default = tokens is None
+    if tokens_default and TOKENS_PER_PARAM * n > MAX_TOKENS:  # the model is absurd, not a --tokens the user gave
+        raise ConfigError(
+            f"model: {n:.3g} parameters, so the default of {TOKENS_PER_PARAM} training tokens per parameter "
+            f"({TOKENS_PER_PARAM * n:.3g}) is above the {MAX_TOKENS:.0e} limit; give tokens (--tokens), or a smaller model"
+        )
     tokens = float(TOKENS_PER_PARAM * n) if tokens is None else tokens
     _check_tokens(tokens)
     if global_batch is None:

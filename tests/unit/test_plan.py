@@ -318,6 +318,9 @@ def test_cli_plan_json_refuses_infinite_tokens() -> None:
         (["--seq-len", "0"], "--seq-len: must be > 0"),
         (["--n-layer", "0"], "--n-layer: must be > 0"),
         (["--preset", "gpt2", "--d-model", "100"], "--d-model: must be divisible"),
+        # Flags the user did not give are named too: the preset's d_model against the given --n-head.
+        (["--n-head", "7"], "--d-model: must be divisible by --n-head (7); got 768"),
+        (["--preset", "gpt2", "--n-kv-head", "5"], "--n-head: must be divisible by --n-kv-head (5)"),
     ],
 )
 def test_cli_plan_errors_name_the_flag_given(flags: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -327,3 +330,13 @@ def test_cli_plan_errors_name_the_flag_given(flags: list[str], named: str, capsy
     assert main(["plan", *flags]) != 0
     err = capsys.readouterr().err.strip()
     assert named in err and "\n" not in err
+
+
+def test_plan_of_an_absurd_model_blames_the_model_not_tokens() -> None:
+    """The default budget is 20 tokens per parameter: past the tokens limit it is the model that is
+    out of range (the user gave no tokens)."""
+    config = ModelConfig(n_layer=10**20, n_head=12, d_model=768, vocab_size=50257, block_size=1024)
+    with pytest.raises(ConfigError, match=r"^model: 7.09e\+26 parameters.*give tokens"):
+        plan(config)
+    with pytest.raises(ConfigError, match=r"^tokens: must be a finite number"):
+        plan("gpt2", tokens=1e19)  # a budget the user gave is still blamed as such
