@@ -14,8 +14,9 @@ from other processes hits all of them alike; each reports the median over rounds
 
 glibc's allocator changes state once in a process: freeing a large block (16 MB here) raises its
 mmap and trim thresholds, after which freed memory stays in the process. Before that, an HF step at
-the char shape page-faults ~2,900 times (its intermediate tensors are fresh mappings, or heap the
-allocator hands back to the OS at each step) and runs ~10% slower; after it, ~60 times. A gptkit step
+the char shape page-faults ~2,600-4,800 times (its intermediate tensors are fresh mappings, or heap the
+allocator hands back to the OS at each step) and runs ~10% slower; after it, from ~40 to ~3,300 times
+(it varies from run to run: the page-faults column, not the label, shows the state). A gptkit step
 takes no page faults in either state (the fused trunk's arena). So the char shape runs twice on the
 same models: "fresh" rounds first, as a process has it before it frees a large block, then the
 matmul peak is measured (its 16 MB matrices are that large free), then "warm" rounds. Each row
@@ -315,6 +316,8 @@ def main() -> None:
                         help="the char shape's allocator states: fresh rounds, then warm ones (default), "
                         "or one of them (see the module docstring)")
     args = parser.parse_args()
+    if args.allocator != "both" and "char" not in [s.strip() for s in args.shapes.split(",")]:
+        parser.error("--allocator applies to the char shape only (the GPT-2 shape always runs warm)")
     load_at_start = os.getloadavg()
     set_threads(args.threads)
     quiet_transformers()
@@ -349,7 +352,7 @@ def main() -> None:
     results, notes = [], []
     for shape in shapes:
         if shape.name != "char 0.8M":
-            phases = [Phase(WARM, None if peaks else lambda: measure_peak("before the rounds"))]
+            phases = [Phase(WARM, None if peaks else lambda: measure_peak(f"before the {shape.name} rounds"))]
         elif args.allocator == "both":
             phases = [Phase(FRESH), Phase(WARM, lambda: measure_peak("between the fresh and warm rounds"))]
         else:
