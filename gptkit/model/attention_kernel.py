@@ -20,7 +20,7 @@ import math
 import torch
 from torch.autograd import forward_ad
 
-from gptkit.model.cpu_kernels import POINTER, SIZE, THREADS, _eager, _plain_cpu_float, load_library
+from gptkit.model.cpu_kernels import POINTER, SIZE, THREADS, _eager, _plain_cpu_float, _readable, load_library
 
 # Longest sequence the kernel takes: each thread holds two T x T float32 matrices in the backward
 # (2 MiB at T=512), which must stay near the core. Measured on the 2-core test machine, forward +
@@ -128,10 +128,11 @@ class _FusedCausalAttention(torch.autograd.Function):
         qkv, y, lse, probs = ctx.saved_tensors
         n_head, n_kv_head = ctx.heads
         # With create_graph (double backward) the gradient must itself be differentiable in qkv
-        # and grad: recompute through ATen's ops and differentiate those.
+        # and grad, and a batched gradient (is_grads_batched) has no memory for the kernel to read:
+        # recompute through ATen's ops and differentiate those.
         if not torch.is_grad_enabled() and grad.device.type == "cpu" and grad.dtype == torch.float32:
             grad = grad.contiguous()  # a no-op for the out Linear's gradient
-        if torch.is_grad_enabled() or not _plain_cpu_float(grad):
+        if torch.is_grad_enabled() or not _readable(grad):
             with torch.enable_grad():
                 source = qkv if qkv.requires_grad else qkv.detach().requires_grad_()
                 out = reference_attention(source, n_head, n_kv_head)

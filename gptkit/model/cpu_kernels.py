@@ -174,8 +174,9 @@ class _GeluTanh(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        # With create_graph (double backward) the gradient must itself be differentiable: ATen's is.
-        if torch.is_grad_enabled() or not (_covered(grad) and _covered(x) and grad.shape == x.shape):
+        # With create_graph (double backward) the gradient must itself be differentiable, and a batched
+        # gradient (is_grads_batched) has no memory for the kernel to read: ATen's op takes both.
+        if torch.is_grad_enabled() or not (_covered(grad) and _readable(grad) and _covered(x) and grad.shape == x.shape):
             return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
         library = _library()
         assert library is not None
@@ -279,6 +280,14 @@ class FewRowsLinear:
 
 def _plain_cpu_float(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+
+
+def _readable(t: torch.Tensor) -> bool:
+    """A plain CPU float32 tensor with memory a kernel can read, for the backwards: a gradient may
+    be a batched tensor of vmap (``autograd.grad(..., is_grads_batched=True)``), whose type is
+    torch.Tensor but which has no storage. (Not in _plain_cpu_float: torch.compile traces that,
+    and _has_storage would break its graph.)"""
+    return _plain_cpu_float(t) and torch._C._has_storage(t)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

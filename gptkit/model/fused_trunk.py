@@ -490,7 +490,9 @@ class _FusedTrunk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+        # create_graph=True (the gradients must be differentiable), or a gradient the kernels cannot
+        # read (vmap's batched tensors under is_grads_batched=True): differentiate ATen's ops instead.
+        if torch.is_grad_enabled() or not torch._C._has_storage(grad_out):
             return _recomputed_backward(ctx, grad_out)
         lease: _Lease = ctx.lease
         arena = lease.arena
@@ -577,14 +579,16 @@ class _FusedTrunk(torch.autograd.Function):
 
 
 def _recomputed_backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """The backward as a graph of ATen ops (double backward, e.g. a gradient penalty): the trunk runs
-    again module by module, and autograd differentiates that."""
+    """The backward as a graph of ATen ops (double backward, e.g. a gradient penalty, or a batched
+    gradient under is_grads_batched=True): the trunk runs again module by module, and autograd
+    differentiates that (keeping the graph of the gradients only for a double backward)."""
     tokens, *params = ctx.saved_tensors
     model = ctx.model
     T = tokens.shape[1]
     rope = model.rotary.tables(None, T) if model.rotary is not None else None
     attention = AttentionContext(rope=rope, mask=None, is_causal=True, cache=None)
-    with unfused():
+    create_graph = torch.is_grad_enabled()
+    with unfused(), torch.enable_grad():
         x = model.token_embedding(tokens)
         if model.position_embedding is not None:
             x = x + model.position_embedding.weight[:T]
@@ -592,7 +596,7 @@ def _recomputed_backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | No
             x = block(x, layer, attention)
         x = model.final_norm(x)
         wanted = [p for p in params if p is not None]
-        found = iter(torch.autograd.grad(x, wanted, grad_out, create_graph=True, allow_unused=True))
+        found = iter(torch.autograd.grad(x, wanted, grad_out, create_graph=create_graph, allow_unused=True))
     return (None, None, None, None, *(None if p is None else next(found) for p in params))
 
 

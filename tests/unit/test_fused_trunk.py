@@ -4,6 +4,7 @@ after step; it runs only where it is that computation, and leaves every other ca
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -201,6 +202,26 @@ def test_double_backward_matches_the_modules() -> None:
         want = penalty(modules)
     for a, b in zip(got, want):
         assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item()
+
+
+@pytest.mark.parametrize("unfused", [False, True])
+@pytest.mark.parametrize("overrides", [{}, {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}])
+def test_batched_gradients_equal_one_gradient_per_vector(overrides: dict, unfused: bool) -> None:
+    """autograd.grad(..., is_grads_batched=True) (vmap over the backward, e.g. for Jacobian rows):
+    the kernels cannot read vmap's batched tensors, so their backwards take ATen's ops instead, and
+    each batched gradient equals the gradient for its vector alone."""
+    model, _ = model_and_copy(seed=11, **overrides)
+    tokens = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(3))
+    params = list(model.parameters())
+    with fused_trunk.unfused() if unfused else contextlib.nullcontext():
+        assert fused_trunk.applies(model, tokens) is (False if unfused else True)
+        logits = model(tokens)
+        vectors = torch.randn(3, *logits.shape, generator=torch.Generator().manual_seed(5))
+        batched = torch.autograd.grad(logits, params, vectors, is_grads_batched=True, retain_graph=True)
+        for k in range(len(vectors)):
+            one_by_one = torch.autograd.grad(logits, params, vectors[k], retain_graph=True)
+            for b, g in zip(batched, one_by_one):
+                assert (b[k] - g).abs().max().item() <= 1e-5 * max(g.abs().max().item(), 1e-6)
 
 
 @pytest.mark.parametrize("overrides", [{"qk_norm": True}, {"dropout": 0.1}, {"position": "rope", "qk_norm": True}])
