@@ -647,7 +647,7 @@ def _override_in_recipe_slot(args: argparse.Namespace, extra: list[str], argv: l
     return [arg for _, arg in sorted(keyed, key=lambda pair: pair[0])]
 
 
-_OVERRIDE = re.compile(r"--[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=.*", re.DOTALL)
+_OVERRIDE = re.compile(_DOTTED_KEY.pattern + "=.*", re.DOTALL)  # --section.field=value
 
 
 def main(argv: list[str] | None = None) -> int:

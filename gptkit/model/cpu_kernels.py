@@ -176,7 +176,7 @@ class _GeluTanh(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         # With create_graph (double backward) the gradient must itself be differentiable, and a batched
         # gradient (is_grads_batched) has no memory for the kernel to read: ATen's op takes both.
-        if torch.is_grad_enabled() or not (_covered(grad) and _readable(grad) and _covered(x) and grad.shape == x.shape):
+        if torch.is_grad_enabled() or not (_readable(grad) and _covered(x) and grad.shape == x.shape):
             return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
         library = _library()
         assert library is not None
