@@ -104,13 +104,18 @@ def resume_run_config(config: RunConfig, overrides: list[str] | tuple[str, ...] 
     stored = read_checkpoint_config(checkpoint_dir)
     if not isinstance(stored.get("run"), dict):
         raise CheckpointError(f"{checkpoint_dir} holds no training run config, so it cannot be resumed")
+    run = dict(stored["run"])
+    # The run lives where its checkpoint was found, not where it was first trained: a run directory
+    # that was moved or copied since resumes (and saves) in its new place, never in the old one.
+    if isinstance(run.get("train"), dict):
+        run["train"] = {**run["train"], "out_dir": config.train.out_dir}
     try:
-        return run_config_from_dict(apply_overrides(stored["run"], overrides))
+        return run_config_from_dict(apply_overrides(run, overrides))
     except ConfigError:
         # The overrides may be what makes an older run's config valid again (a check added since
         # it was saved): only a stored config that stays invalid is the checkpoint's fault.
         try:
-            run_config_from_dict(stored["run"])
+            run_config_from_dict(run)
         except ConfigError as exc:
             raise CheckpointError(
                 f"{checkpoint_dir}: stored run config is not valid ({exc}); override that field to resume"

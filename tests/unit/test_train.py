@@ -125,6 +125,29 @@ def test_resume_without_checkpoint_is_a_clear_error(corpus: Path, tmp_path: Path
         resume_run_config(config)
 
 
+def test_a_moved_or_copied_run_resumes_where_it_is_now(corpus: Path, tmp_path: Path) -> None:
+    import shutil
+
+    first = tmp_path / "first"
+    run_training(load_run_config(None, recipe(corpus, first, max_steps=2)))
+    # The recipe (not an override) names the run's new place, as after `mv first moved` and an edit.
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(f"train:\n  out_dir: {moved}\n")
+    config = resume_run_config(load_run_config(recipe_file), ["--train.max_steps=3"])
+    assert config.train.out_dir == str(moved)
+    before = (first / "checkpoint" / "trainer_state.json").read_text()
+    run_training(config, resume=True)
+    assert json.loads((moved / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    assert (first / "checkpoint" / "trainer_state.json").read_text() == before  # the other run is untouched
+    # Moved away (the first place gone): it resumes too, instead of "nothing to resume" there.
+    shutil.rmtree(first)
+    run_training(resume_run_config(load_run_config(recipe_file), ["--train.max_steps=4"]), resume=True)
+    assert json.loads((moved / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
+    assert not first.exists()
+
+
 def test_resume_refuses_a_changed_model_shape(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     run_training(load_run_config(None, recipe(corpus, out, max_steps=2)))
