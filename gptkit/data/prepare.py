@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -150,6 +151,25 @@ def _check_out_dir(out: Path) -> None:
                 f"output directory {out} is not empty and is not a prepared gptkit data set; "
                 "choose an empty or new directory"
             )
+        # A prepared data set is replaced whole: anything else in it (a run's checkpoint when
+        # train.out_dir is data.dir, the user's notes) would be deleted with it.
+        foreign = sorted(entry.name for entry in out.iterdir() if not _is_data_set_file(entry))
+        if foreign:
+            raise DataError(
+                f"output directory {out} holds a prepared data set and more ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}), which preparing again would delete; "
+                "move those elsewhere or choose another directory"
+            )
+
+
+_SHARD_NAME = re.compile(r"(?:train|val)_\d{5,}\.bin")
+
+
+def _is_data_set_file(entry: Path) -> bool:
+    """Whether ``entry`` is a file that prepare_dataset writes into a data directory."""
+    if entry.is_symlink() or not entry.is_file():
+        return False
+    return entry.name in ("meta.json", "tokenizer.json") or bool(_SHARD_NAME.fullmatch(entry.name))
 
 
 def whole_document_val(n_docs: int, val_fraction: float) -> list[bool]:

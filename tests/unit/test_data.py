@@ -495,6 +495,28 @@ def test_prepare_refuses_to_replace_an_unrelated_directory(tmp_path):
     assert (precious / "thesis.tex").read_text() == "years of work"
 
 
+def test_prepare_again_refuses_a_data_set_that_holds_more_than_its_own_files(tmp_path):
+    # train.out_dir may be data.dir: the run's checkpoint then lies beside the shards, and
+    # preparing again (the data set is replaced whole) must not delete it; nor a user's notes.
+    (tmp_path / "c.txt").write_text(random_text(500, 0))
+    data = tmp_path / "data"
+    prepare_dataset(str(tmp_path / "c.txt"), data)
+    (data / "checkpoint").mkdir()
+    (data / "checkpoint" / "model.safetensors").write_bytes(b"weights")
+    (data / "metrics.jsonl").write_text("{}\n")
+    before = {p.name for p in data.iterdir()}
+    with pytest.raises(DataError, match=r"holds a prepared data set and more \(checkpoint, metrics.jsonl\)"):
+        prepare_dataset(str(tmp_path / "c.txt"), data)
+    assert {p.name for p in data.iterdir()} == before
+    assert (data / "checkpoint" / "model.safetensors").read_bytes() == b"weights"
+    # A data set holding only its own files is still replaced.
+    (data / "metrics.jsonl").unlink()
+    (data / "checkpoint" / "model.safetensors").unlink()
+    (data / "checkpoint").rmdir()
+    prepare_dataset(str(tmp_path / "c.txt"), data, shard_tokens=100)
+    assert (data / "train_00001.bin").exists()
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"val_fraction": 0.0}, {"val_fraction": 1.0}, {"shard_tokens": 0}, {"tokenizer": "words"}],
