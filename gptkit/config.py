@@ -414,7 +414,9 @@ def run_config_from_dict(values: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"unknown section '{unknown[0]}'; allowed sections: {', '.join(_SECTIONS)}")
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
-        raw = values.get(name) or {}
+        raw = values.get(name)
+        if raw is None:  # an empty section (`train:`); `train: []` or `train: 0` is refused below
+            raw = {}
         sections[name] = model_config_from_dict(raw) if name == "model" else build_dataclass(cls, raw, name)
     return RunConfig(**sections)
 

@@ -122,6 +122,22 @@ def test_a_section_that_is_not_a_mapping_is_one_line_error(tmp_path: Path) -> No
             load_run_config(recipe)
 
 
+@pytest.mark.parametrize("value", ["[]", "0", "false", "''", "{}"])
+def test_an_empty_value_that_is_not_a_mapping_is_no_empty_section(tmp_path: Path, value: str) -> None:
+    # `train: []` or `train: false` is a slip, not "no settings": refused like `train: [1, 2]`;
+    # `train:` (null) and `train: {}` are empty sections.
+    for section in ("model", "data", "train", "sample"):
+        recipe = tmp_path / f"{section}.yaml"
+        recipe.write_text(f"{section}: {value}\n")
+        if value == "{}":
+            assert load_run_config(recipe) == load_run_config(None)
+            continue
+        with pytest.raises(ConfigError, match=f"^{section}: must be a mapping of keys to values; got "):
+            load_run_config(recipe)
+    (tmp_path / "null.yaml").write_text("train:\n")
+    assert load_run_config(tmp_path / "null.yaml") == load_run_config(None)
+
+
 def test_preset_override_outranks_the_recipe_shape(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model:\n  n_layer: 4\n  n_head: 4\n  d_model: 128\n  block_size: 64\ntrain:\n  max_steps: 9\n")
