@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fnmatch
 import json
 import logging
 import os
@@ -321,39 +320,16 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------- convert
 
-# What gptkit and Hugging Face write into a model directory: a destination holding only these (and
-# no folders) may be replaced with --force; anything else might be the user's work.
-MODEL_FILE_PATTERNS = (
-    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-)
-
-
 def _check_convert_destination(given: Path, source: Path, destination: Path, *, force: bool) -> None:
     """Refuse a destination whose replacement would lose anything but an earlier conversion."""
+    from gptkit.model.hf import check_replaceable_model_directory
+
     target = destination.resolve()
     for protected in {given.resolve(), source.resolve()}:
         if target == protected or target in protected.parents:
             raise ConfigError(f"destination {destination} is or contains the source {given}; choose another directory")
-    if target == Path.cwd() or target in Path.cwd().parents:
-        raise ConfigError(f"destination {destination} is or contains the current directory; choose another directory")
-    if not destination.exists() and not destination.is_symlink():
-        return
-    if not destination.is_dir():
-        raise ConfigError(f"destination {destination} exists and is not a directory")
-    entries = list(destination.iterdir())
-    if not entries:
-        return  # an empty folder, e.g. made by the user for the output
-    if not force:
-        raise ConfigError(f"destination {destination} exists; pass --force to replace it")
-    foreign = sorted(
-        e.name for e in entries if e.is_dir() or not any(fnmatch.fnmatch(e.name, p) for p in MODEL_FILE_PATTERNS)
-    )
-    if foreign:
-        raise ConfigError(
-            f"destination {destination} holds more than a model ({', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}); --force only replaces a model directory, so choose another one"
-        )
+    # the current directory, a file, more than a model; an earlier model only with --force
+    check_replaceable_model_directory(destination, replace=force)
 
 
 def _hf_tokenizer_files(tokenizer: Any, path: Path, model: Any) -> dict[str, str]:
@@ -432,6 +408,14 @@ _PLAN_FLAGS = {
 }
 
 
+# The arguments of gptkit.plan.plan that `gptkit plan` sets from flags.
+_PLAN_ARGS = {
+    "seq_len": "--seq-len", "global_batch": "--global-batch", "micro_batch": "--micro-batch", "gpu": "--gpu",
+    "gpus": "--gpus", "strategy": "--strategy", "tp": "--tp", "tokens": "--tokens", "mfu": "--mfu",
+    "precision": "--precision", "preset": "--preset",
+}
+
+
 def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     import json
 
@@ -459,23 +443,26 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
             if args.seq_len is not None:
                 shape["block_size"] = args.seq_len
             model = ModelConfig(**shape)
-    except ConfigError as exc:  # "model.block_size: ..." names fields; name the flags that set them
+        result = plan(
+            model,
+            seq_len=args.seq_len,
+            global_batch=args.global_batch,
+            micro_batch=args.micro_batch,
+            gpu=args.gpu,
+            gpus=args.gpus,
+            strategy=args.strategy,
+            tp=args.tp,
+            tokens=parse_quantity(args.tokens, "tokens") if args.tokens is not None else None,
+            mfu=args.mfu,
+            precision=args.precision,
+            checkpointing=args.checkpointing,
+        )
+    except ConfigError as exc:
+        # Errors name config fields ("model.block_size: ...") or plan()'s arguments ("gpus: ..."):
+        # name the flags that set them instead.
         message = re.sub(r"\bmodel\.(\w+)", lambda m: _PLAN_FLAGS.get(m.group(1), m.group(0)), str(exc))
+        message = re.sub(r"^(\w+):", lambda m: _PLAN_ARGS.get(m.group(1), m.group(1)) + ":", message)
         raise ConfigError(message) from None
-    result = plan(
-        model,
-        seq_len=args.seq_len,
-        global_batch=args.global_batch,
-        micro_batch=args.micro_batch,
-        gpu=args.gpu,
-        gpus=args.gpus,
-        strategy=args.strategy,
-        tp=args.tp,
-        tokens=parse_quantity(args.tokens, "tokens") if args.tokens is not None else None,
-        mfu=args.mfu,
-        precision=args.precision,
-        checkpointing=args.checkpointing,
-    )
     if args.json:
         print(json.dumps(plan_as_dict(result), indent=2))
     else:

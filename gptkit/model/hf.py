@@ -14,6 +14,7 @@ the functions that need it.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
 import os
@@ -448,6 +449,46 @@ def from_hf(hf_model: Any) -> GPT:
 # --------------------------------------------------------------------------------------------
 
 
+# What gptkit and Hugging Face write into a model directory: an existing directory holding only these
+# (and no folders) may be replaced whole; anything else might be the user's work.
+MODEL_FILE_PATTERNS = (
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+)
+
+
+def foreign_entries(directory: Path) -> list[str]:
+    """The names in ``directory`` that are not model files (folders included), sorted."""
+    return sorted(
+        e.name for e in directory.iterdir()
+        if e.is_dir() or not any(fnmatch.fnmatch(e.name, p) for p in MODEL_FILE_PATTERNS)
+    )
+
+
+def check_replaceable_model_directory(out: Path, *, replace: bool = True) -> None:
+    """ConfigError unless ``out`` is new, empty, or an earlier model directory (what save_hf may
+    replace whole): a folder of other files, or the current directory, would be deleted with it.
+    With ``replace=False`` (``gptkit convert`` without --force) an earlier model directory is
+    refused too."""
+    target = out.resolve()
+    if target == Path.cwd() or target in Path.cwd().parents:
+        raise ConfigError(f"destination {out} is or contains the current directory; choose another directory")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"destination {out} exists and is not a directory")
+    if not any(out.iterdir()):
+        return  # an empty folder, e.g. made by the user for the output
+    if not replace:
+        raise ConfigError(f"destination {out} exists; pass --force to replace it")
+    foreign = foreign_entries(out)
+    if foreign:
+        raise ConfigError(
+            f"destination {out} holds more than a model ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); replacing it would delete them, so choose another directory"
+        )
+
+
 def save_hf(
     model: GPT,
     out_dir: str | os.PathLike[str],
@@ -467,6 +508,7 @@ def save_hf(
     out = Path(out_dir)
     if tokenizer_json_path is not None and not Path(tokenizer_json_path).is_file():
         raise CheckpointError(f"tokenizer file not found: {tokenizer_json_path}")
+    check_replaceable_model_directory(out)
     hf = to_hf(model)  # raises ConfigError before anything is written
     if eot_id is not None:
         if not 0 <= eot_id < model.config.vocab_size:

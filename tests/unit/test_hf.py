@@ -175,6 +175,25 @@ def test_save_hf_rejects_before_writing(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_save_hf_never_replaces_a_folder_that_holds_more_than_a_model(tmp_path, monkeypatch) -> None:
+    # save_hf replaces its destination whole: a folder of the user's files must be refused, not deleted.
+    model = GPT(ModelConfig(**GPT2_SHAPES[0]))
+    precious = tmp_path / "work"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConfigError, match=r"holds more than a model \(thesis.tex\)"):
+        save_hf(model, precious)
+    assert [p.name for p in precious.iterdir()] == ["thesis.tex"]
+    monkeypatch.chdir(precious)
+    with pytest.raises(ConfigError, match="is or contains the current directory"):
+        save_hf(model, ".")
+    assert [p.name for p in precious.iterdir()] == ["thesis.tex"]
+    (precious / "thesis.tex").unlink()
+    save_hf(model, precious / "hf")  # new, then an earlier export: both fine
+    save_hf(model, precious / "hf")
+    assert is_hf_directory(precious / "hf")
+
+
 def test_from_hf_rejects_unsupported_options() -> None:
     torch.manual_seed(500)
     shape = {**LLAMA_STYLE, **LLAMA_SHAPES[0]}

@@ -321,6 +321,16 @@ def test_cli_plan_json_refuses_infinite_tokens() -> None:
         # Flags the user did not give are named too: the preset's d_model against the given --n-head.
         (["--n-head", "7"], "--d-model: must be divisible by --n-head (7); got 768"),
         (["--preset", "gpt2", "--n-kv-head", "5"], "--n-head: must be divisible by --n-kv-head (5)"),
+        # plan()'s own arguments: the flag, not the parameter name (gpus, micro_batch, ...).
+        (["--gpus", "0"], "error: --gpus: must be > 0"),
+        (["--mfu", "2"], "error: --mfu: must be in (0, 1]"),
+        (["--tokens", "abc"], "error: --tokens: not a number"),
+        (["--global-batch", "16", "--micro-batch", "7"], "error: --micro-batch: must divide"),
+        (["--global-batch", "0"], "error: --global-batch: must be > 0"),
+        (["--tp", "2"], "error: --tp: a degree of 2 needs --strategy tp or fsdp+tp"),
+        (["--gpu", "V100"], "error: --gpu: unknown GPU 'V100'"),
+        (["--preset", "gpt2", "--seq-len", "2048"], "error: --seq-len: must be <= "),
+        (["--preset", "nope"], "error: --preset: unknown preset 'nope'"),
     ],
 )
 def test_cli_plan_errors_name_the_flag_given(flags: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:
