@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from gptkit.checkpoint import CONFIG_FILE, TOKENIZER_FILE, load_checkpoint_model
+from gptkit.checkpoint import CHECKPOINT_DIR, CONFIG_FILE, TOKENIZER_FILE, load_checkpoint_model
 from gptkit.config import ModelConfig, SampleConfig
 from gptkit.errors import CheckpointError, ConfigError, RequestError, TokenizerError
 from gptkit.generate.generator import Completion, generate_text
@@ -27,8 +27,8 @@ from gptkit.tokenizer import load_tokenizer as _load_tokenizer_file
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """Accept a checkpoint directory or a run directory that holds ``checkpoint/``."""
     path = Path(path)
-    if not (path / CONFIG_FILE).exists() and (path / "checkpoint" / CONFIG_FILE).exists():
-        return path / "checkpoint"
+    if not (path / CONFIG_FILE).exists() and (path / CHECKPOINT_DIR / CONFIG_FILE).exists():
+        return path / CHECKPOINT_DIR
     return path
 
 

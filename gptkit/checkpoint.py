@@ -41,6 +41,10 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 SHARDED_DIR = "sharded"
 MODEL_PREFIX = "model."  # keys of the model's tensors inside sharded/
+# A run directory (train.out_dir) holds its checkpoint here; `--overwrite` keeps the earlier run's in
+# PREVIOUS_CHECKPOINT until the new run's first save.
+CHECKPOINT_DIR = "checkpoint"
+PREVIOUS_CHECKPOINT = "checkpoint.previous"
 
 
 def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
@@ -64,6 +68,17 @@ def write_model_files(directory: Path, model: GPT, extra_config: dict[str, Any] 
     atomic_write_json(directory / CONFIG_FILE, config)
 
 
+def _missing_config_hint(directory: Path) -> str:
+    """What a directory without config.json may be instead of a checkpoint, for the error."""
+    aside = directory / PREVIOUS_CHECKPOINT
+    if (aside / CONFIG_FILE).is_file():
+        return (
+            f"; it holds an earlier run's checkpoint in {aside}, set aside by an --overwrite run that stopped "
+            f"before its first save: rename it to {directory / CHECKPOINT_DIR} to use it"
+        )
+    return f" (give a checkpoint directory, or a run directory that holds {CHECKPOINT_DIR}/)"
+
+
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     """Read and check config.json of a gptkit checkpoint directory."""
     directory = Path(path)
@@ -75,7 +90,7 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {directory} has no {CONFIG_FILE}") from None
+        raise CheckpointError(f"checkpoint {directory} has no {CONFIG_FILE}{_missing_config_hint(directory)}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"corrupt checkpoint config {config_path}: {exc}") from None
     if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:

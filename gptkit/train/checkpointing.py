@@ -43,10 +43,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptkit.checkpoint import (
+    CHECKPOINT_DIR,
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     CONFIG_FILE,
     MODEL_PREFIX,
+    PREVIOUS_CHECKPOINT,
     SHARDED_DIR,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
@@ -64,11 +66,9 @@ from gptkit.model.gpt import GPT
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
-# A run directory (train.out_dir): its checkpoint and metrics log, and where `--overwrite` keeps
-# the earlier run's until the new run's first checkpoint.
-CHECKPOINT_DIR = "checkpoint"
+# A run directory (train.out_dir): its checkpoint (CHECKPOINT_DIR) and metrics log, and where
+# `--overwrite` keeps the earlier run's (PREVIOUS_CHECKPOINT, ...) until the new run's first checkpoint.
 METRICS_FILE = "metrics.jsonl"
-PREVIOUS_CHECKPOINT = "checkpoint.previous"
 PREVIOUS_METRICS = "metrics.previous.jsonl"
 TENSORBOARD_DIR = "tensorboard"  # event files, with train.tensorboard
 PREVIOUS_TENSORBOARD = "tensorboard.previous"

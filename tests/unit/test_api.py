@@ -54,10 +54,17 @@ def test_load_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         gptkit.load(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="has no config.json"):
+    with pytest.raises(CheckpointError, match=r"has no config.json \(give a checkpoint directory, or a run directory"):
         gptkit.load(tmp_path / "empty")
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         gptkit.load_tokenizer(tmp_path / "empty")
+    # A run whose only checkpoint was set aside by an --overwrite that stopped before its first save:
+    # the error says where it is and how to get it back, and loads nothing else.
+    write_model_files(tmp_path / "run" / "checkpoint.previous", GPT(BASE))
+    with pytest.raises(CheckpointError, match=r"earlier run's checkpoint in .*checkpoint\.previous, .* rename it to "):
+        gptkit.load(tmp_path / "run")
+    (tmp_path / "run" / "checkpoint.previous").rename(tmp_path / "run" / "checkpoint")
+    assert gptkit.load(tmp_path / "run").config == BASE
 
 
 def test_arguments_of_the_wrong_kind_are_typed_errors(tmp_path: Path) -> None:
