@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gptkit.checkpoint import model_config_from_checkpoint, read_checkpoint_config
+from gptkit.checkpoint import CONFIG_FILE, model_config_from_checkpoint, read_checkpoint_config
 from gptkit.config import RunConfig, TrainConfig, apply_overrides, run_config_from_dict, to_dict
 from gptkit.data import load_meta, prepare_dataset
 from gptkit.data.loader import BatchLoader, eval_batches
@@ -117,9 +117,12 @@ def resume_run_config(config: RunConfig, overrides: list[str] | tuple[str, ...] 
         try:
             run_config_from_dict(run)
         except ConfigError as exc:
-            raise CheckpointError(
-                f"{checkpoint_dir}: stored run config is not valid ({exc}); override that field to resume"
-            ) from None
+            # A key this gptkit does not know (a checkpoint of another version) cannot be overridden.
+            advice = (
+                f"remove it from {checkpoint_dir / CONFIG_FILE} to resume" if str(exc).startswith("unknown ")
+                else "override that field to resume"
+            )
+            raise CheckpointError(f"{checkpoint_dir}: stored run config is not valid ({exc}); {advice}") from None
         raise
 
 

@@ -535,6 +535,13 @@ def test_resume_of_a_run_whose_stored_config_a_newer_check_refuses(corpus: Path,
         resume_run_config(config, ["--train.max_steps=4"])
     resumed = resume_run_config(config, ["--train.max_steps=4", "--train.lr_decay_steps=4"])
     assert resumed.train.lr_decay_steps == 4 and resumed.train.max_steps == 4
+    # A key this gptkit does not know (another version's setting) cannot be overridden away: the
+    # error says to remove it from the checkpoint's config.json instead.
+    stored["run"]["train"]["lr_decay_steps"] = None
+    stored["run"]["train"]["future_setting"] = 1
+    config_path.write_text(json.dumps(stored))
+    with pytest.raises(CheckpointError, match=r"unknown key 'train.future_setting'.*\); remove it from .*config.json to resume"):
+        resume_run_config(config, ["--train.max_steps=4"])
 
 
 # ------------------------------------------------------------------ TensorBoard (train.tensorboard)
