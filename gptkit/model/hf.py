@@ -474,6 +474,11 @@ def check_replaceable_model_directory(out: Path, *, replace: bool = True) -> Non
     if target == Path.cwd() or target in Path.cwd().parents:
         raise ConfigError(f"destination {out} is or contains the current directory; choose another directory")
     if not out.exists() and not out.is_symlink():
+        for parent in out.parents:  # the nearest existing folder above a new destination
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError(f"destination {out} lies inside {parent}, which is a file; choose a directory")
+                break
         return
     if not out.is_dir():
         raise ConfigError(f"destination {out} exists and is not a directory")

@@ -189,6 +189,10 @@ def test_save_hf_never_replaces_a_folder_that_holds_more_than_a_model(tmp_path, 
         save_hf(model, ".")
     assert [p.name for p in precious.iterdir()] == ["thesis.tex"]
     (precious / "thesis.tex").unlink()
+    (precious / "notes.txt").write_text("a file")
+    with pytest.raises(ConfigError, match=r"lies inside .*notes.txt, which is a file"):
+        save_hf(model, precious / "notes.txt" / "hf")
+    (precious / "notes.txt").unlink()
     save_hf(model, precious / "hf")  # new, then an earlier export: both fine
     save_hf(model, precious / "hf")
     assert is_hf_directory(precious / "hf")
