@@ -43,23 +43,22 @@ def test_an_override_without_a_value_names_both_forms(capsys: pytest.CaptureFixt
     )
 
 
-def test_an_override_whose_value_holds_a_space_is_not_taken_for_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_override_whose_value_holds_a_space_is_not_taken_for_the_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """argparse reads an argument holding a space as a positional one: `gptkit prepare
     --data.source="my corpus.txt"` was refused as a recipe path that "looks like a corpus"."""
-    import gptkit.cli
+    import json
 
-    seen: dict = {}
-
-    def fake_prepare(args, overrides) -> int:
-        seen.update(config=args.config, overrides=overrides)
-        return 0
-
-    monkeypatch.setattr(gptkit.cli, "cmd_prepare", fake_prepare)
+    monkeypatch.chdir(tmp_path)
+    Path("my corpus.txt").write_text("to be or not to be, that is the question. " * 40)
+    Path("b c.txt").write_text("all the world's a stage, and all the men and women merely players. " * 30)
     assert main(["prepare", "--data.source=my corpus.txt", "--data.dir=d"]) == 0
-    assert seen == {"config": None, "overrides": ["--data.source=my corpus.txt", "--data.dir=d"]}
+    assert json.loads(Path("d/meta.json").read_text())["source"] == "my corpus.txt"
     # With a recipe after it, and the same key twice: command-line order, so the last one wins.
+    Path("r.yaml").write_text("data: {dir: e}\n")
     assert main(["prepare", "--data.source", "my corpus.txt", "r.yaml", "--data.source=b c.txt"]) == 0
-    assert seen == {"config": "r.yaml", "overrides": ["--data.source=my corpus.txt", "--data.source=b c.txt"]}
+    assert json.loads(Path("e/meta.json").read_text())["source"] == "b c.txt"
 
 
 def test_version_prints_gptkit_and_torch_versions(capsys: pytest.CaptureFixture[str]) -> None:

@@ -83,6 +83,8 @@ def test_batch_one_decoding_equals_the_pytorch_path_through_a_sliding_context(va
 
 def test_sampling_with_every_option_is_reproducible_on_the_fused_path() -> None:
     model = make_model(seed=4)
+    with torch.no_grad():  # the fused step takes this model (else the test checks the module path)
+        assert FusedDecoder.for_model(model, model.new_kv_cache(1)) is not None
     prompt = torch.tensor([[1, 2, 3]])
     options = dict(max_new_tokens=40, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3)
     runs = [

@@ -45,6 +45,21 @@ def test_rope_model_has_no_position_table_and_shifted_inputs_see_the_same_contex
     model = GPT(dataclasses.replace(BASE, position="rope")).eval()
     assert model.position_embedding is None
     assert GPT(BASE).num_parameters() - model.num_parameters() == BASE.block_size * BASE.d_model
+    # The model's own attention, its RoPE tables taken at positions 0..T-1 or s..s+T-1: the same
+    # output, since only the offsets between queries and keys enter the scores.
+    from gptkit.model.layers import AttentionContext
+
+    x = torch.randn(2, 10, BASE.d_model)
+    attn = model.blocks[0].attn
+
+    def at(start: int) -> torch.Tensor:
+        positions = torch.arange(start, start + 10).expand(2, 10)
+        return attn(x, 0, AttentionContext(rope=model.rotary.tables(positions, 10), mask=None, is_causal=True,
+                                           cache=None))
+
+    with torch.no_grad():
+        torch.testing.assert_close(at(7), at(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(at(21), at(0), atol=1e-5, rtol=1e-5)
 
 
 def test_rope_base_changes_the_angles() -> None:

@@ -60,11 +60,15 @@ def test_precision_is_validated() -> None:
 def test_low_precision_losses_track_fp32(precision: str, optimizer: str) -> None:
     reference = make_trainer("fp32", optimizer=optimizer)
     low = make_trainer(precision, optimizer=optimizer)
+    # The matmuls really run in the lower precision (a no-op policy would track fp32 exactly).
+    computed = []
+    low.model.blocks[0].attn.qkv.register_forward_hook(lambda module, args, out: computed.append(out.dtype))
     for _ in range(3):
         ref_loss, _ = reference.train_step()
         loss, grad_norm = low.train_step()
         assert math.isfinite(loss) and math.isfinite(grad_norm)
         assert abs(loss - ref_loss) < 0.05, (loss, ref_loss)
+    assert set(computed) == {torch.bfloat16 if precision == "bf16" else torch.float16}, computed
     # Master weights stay float32 whatever the compute precision.
     assert all(p.dtype == torch.float32 for p in low.model.parameters())
     assert low.skipped_steps == 0
