@@ -51,8 +51,14 @@ def sample_next(
         return logits.argmax(dim=-1)
     logits = logits.float()
     # Shift so the largest logit is 0 before dividing: a tiny temperature then sends the others to
-    # -inf (probability 0) instead of overflowing all of them to inf (a nan softmax).
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    # -inf (probability 0) instead of overflowing all of them to inf (a nan softmax). The largest
+    # logits become 0 even when they are infinite (inf - inf would be nan): a repetition penalty
+    # far below 1 can push a logit to inf, and then those tokens share all the probability.
+    largest = logits.amax(dim=-1, keepdim=True)
+    logits = torch.where(logits == largest, 0.0, logits - largest)
+    # A temperature below float32's smallest normal number would round to 0 (or be flushed to
+    # it) as a float32 divisor, and 0 / 0 is nan: divide by that number instead, as greedy.
+    logits = logits / max(temperature, torch.finfo(logits.dtype).tiny)
     if top_k is not None:
         logits = filter_top_k(logits, top_k)
     if top_p is not None:

@@ -195,6 +195,36 @@ def test_a_tiny_temperature_is_greedy_not_nan() -> None:
         assert sample_next(logits, temperature=temperature).tolist() == [1, 0]
 
 
+def test_a_temperature_below_float32s_range_is_greedy_not_nan() -> None:
+    """1e-300 and 5e-324 are positive floats that SampleConfig accepts; as a float32 divisor they
+    are 0, and (largest - largest) / 0 was nan: multinomial's RuntimeError, a traceback."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]])
+    for temperature in (1e-46, 1e-300, 5e-324):
+        generator = torch.Generator().manual_seed(0)
+        assert sample_next(logits, temperature=temperature, generator=generator).tolist() == [1, 0]
+
+
+def test_infinite_logits_share_the_probability_instead_of_a_nan() -> None:
+    """A repetition penalty far below 1 divides a positive logit by ~0: inf, and inf - inf was nan."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    seen = torch.tensor([[False, True, True, False]])
+    penalised = apply_repetition_penalty(logits, seen, 1e-300)
+    assert penalised[0, 1] == penalised[0, 2] == float("inf")
+    generator = torch.Generator().manual_seed(0)
+    drawn = {int(sample_next(penalised, temperature=0.8, top_p=0.9, generator=generator)) for _ in range(50)}
+    assert drawn == {1, 2}
+    everything_impossible = torch.full((1, 4), float("-inf"))
+    assert 0 <= int(sample_next(everything_impossible, temperature=1.0, generator=generator)) < 4
+
+
+def test_an_extreme_repetition_penalty_generates_text(model, tokenizer) -> None:
+    for penalty in (1e-300, 1e300):
+        completion = generate_text(
+            model, tokenizer, "To be", SampleConfig(max_new_tokens=8, repetition_penalty=penalty, seed=0)
+        )
+        assert completion.finish_reason in ("length", "eot")
+
+
 def test_decoding_uses_eval_mode_and_gives_the_mode_back(tokenizer) -> None:
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=48, n_layer=2, n_head=2, d_model=32,
