@@ -247,7 +247,9 @@ def _iter_jsonl(path: Path) -> Iterator[Document]:
         if not line.strip():
             continue  # blank lines (often a trailing one) carry no document
         try:
-            record = json.loads(line)  # the "\r\n" or "\n" at the end is whitespace to JSON
+            # Without its "\r\n" or "\n" (whitespace to JSON): a record cut short is then reported
+            # at the end of its line, not at "column 1" of the line after the newline.
+            record = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as exc:
             what = exc.msg.removesuffix(" at")  # "Invalid control character at" leaves the place to us
             raise DataError(f"{path}, line {lineno}: not valid JSON ({what} at column {exc.colno})") from None
@@ -268,19 +270,44 @@ def _iter_jsonl(path: Path) -> Iterator[Document]:
 
 
 def _txt_files(directory: Path) -> list[Path]:
-    """All ``.txt`` files under ``directory``, sorted by relative path, skipping hidden entries."""
-    found = []
+    """All ``.txt`` files under ``directory``, sorted by relative path, skipping hidden entries.
+
+    A linked folder is read like a linked file (``books -> /big/disk/books``), once: after the
+    real folders, and only if no real folder or earlier link reached it already. A link to the
+    corpus folder or to a folder holding it (a loop) is skipped.
+    """
+    found: list[Path] = []
+    visited: set[str] = set()  # real paths of the folders read
+    links: list[str] = []  # linked folders met, read after the real ones
+    top = os.path.realpath(directory)
 
     def unreadable(exc: OSError) -> None:
         # os.walk skips a folder it cannot list without a word: part of the corpus would be lost.
         raise _read_error(Path(exc.filename or directory), exc)
 
-    for root, dirs, files in os.walk(directory, onerror=unreadable):
-        # Hidden directories (.git, .cache, our own temporary ones) never hold corpus text.
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(
-            Path(root) / f for f in files if not f.startswith(".") and f.lower().endswith(".txt")
-        )
+    def walk(start: str) -> None:
+        for root, dirs, files in os.walk(start, onerror=unreadable):  # links to folders: see below
+            visited.add(os.path.realpath(root))
+            real_dirs = []
+            # Hidden directories (.git, .cache, our own temporary ones) never hold corpus text.
+            for name in sorted(d for d in dirs if not d.startswith(".")):
+                path = os.path.join(root, name)
+                if os.path.islink(path):
+                    links.append(path)
+                elif os.path.realpath(path) not in visited:
+                    real_dirs.append(name)
+            dirs[:] = real_dirs
+            found.extend(
+                Path(root) / f for f in files if not f.startswith(".") and f.lower().endswith(".txt")
+            )
+
+    walk(str(directory))
+    while links:
+        link = links.pop(0)
+        target = os.path.realpath(link)
+        inside = os.path.commonpath([top, target]) == target  # the corpus folder or one above it
+        if target not in visited and not inside:
+            walk(link)
     return sorted(found, key=lambda p: p.relative_to(directory).as_posix())
 
 

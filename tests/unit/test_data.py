@@ -109,6 +109,23 @@ def test_load_directory_is_recursive_sorted_and_skips_other_files(tmp_path):
     assert [(d.name, d.text) for d in docs] == [("a", "ay"), ("b", "bee"), ("sub/c", "sea")]
 
 
+def test_a_linked_folder_in_a_corpus_folder_is_read_once(tmp_path):
+    """A folder linked into a corpus folder was skipped without a word (os.walk does not follow
+    links to folders) while a linked file was read; a link back up the tree must still end."""
+    books = write_corpus_dir(tmp_path / "elsewhere", {"b.txt": "linked book", "deep/c.txt": "deeper"})
+    corpus = write_corpus_dir(tmp_path / "corpus", {"a.txt": "own text"})
+    (corpus / "books").symlink_to(books, target_is_directory=True)
+    (corpus / "zz_same_books").symlink_to(books, target_is_directory=True)  # a second way in: read once
+    (corpus / "books_loop").symlink_to(corpus, target_is_directory=True)  # back to the top: not again
+    (corpus / "up").symlink_to(tmp_path, target_is_directory=True)  # a folder holding the corpus: a loop
+    (corpus / "a_first").symlink_to(corpus / "real", target_is_directory=True)  # sorts before the real one
+    write_corpus_dir(corpus, {"real/r.txt": "real text"})
+    docs = load_documents(str(corpus))
+    assert [(d.name, d.text) for d in docs] == [
+        ("a", "own text"), ("books/b", "linked book"), ("books/deep/c", "deeper"), ("real/r", "real text"),
+    ]
+
+
 def test_load_jsonl(tmp_path):
     path = tmp_path / "corpus.jsonl"
     lines = [json.dumps({"text": "first doc", "id": 1}), "", json.dumps({"text": "second\ndoc"})]
@@ -130,6 +147,10 @@ def test_load_jsonl(tmp_path):
         ("bad.jsonl", b'{"text": "a"}\r\n\r\n{"text": 1}\r\n', "line 3"),
         ("bad.jsonl", b'{"text": "a"}\r{"text": 1}\n', "line 1: not valid JSON"),  # records end at "\n" only
         ("bad.jsonl", b'{"text": "a"}\n{"text": "a\x00b"}\n', "line 2: not valid JSON (Invalid control character at column 12)"),
+        # A record cut short: the column is the end of its line, not column 1 of the next one.
+        ("bad.jsonl", b'{"text": "a"}\n{"text": "b"\n', "line 2: not valid JSON (Expecting ',' delimiter at column 13)"),
+        ("bad.jsonl", b'{"text": "a"}\r\n{"text": "b"\r\n{"text": "c"}\r\n', "line 2: not valid JSON (Expecting ',' delimiter at column 13)"),
+        ("bad.jsonl", b'{"text": "a"}\n{"text": \n', "line 2: not valid JSON (Expecting value at column 10)"),
         ("bad.jsonl", b'{"text": "ok"}\n' + b"[" * 100_000 + b"\n", "line 2: cannot read this JSON (maximum recursion"),
         ("bad.jsonl", b'{"text": "ok"}\n{"text": "a", "id": ' + b"7" * 5000 + b"}\n", "line 2: cannot read this JSON"),
         ("bad.jsonl", b'{"text": "ok"}\n{"text": "ab\\ud800"}\n', "line 2: \"text\" holds a lone surrogate '\\ud800' at position 2"),
