@@ -274,7 +274,10 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
         "stop": tuple(_unescape(stop) for stop in args.stop) if args.stop else None,
     }
     given = {name: value for name, value in given.items() if value is not None}
-    SampleConfig(**given)  # a bad flag fails before the model is read
+    try:
+        SampleConfig(**given)  # a bad flag fails before the model is read
+    except ConfigError as exc:  # "top_k: ..." names the field: name the flag that set it
+        raise ConfigError(re.sub(r"^(\w+):", lambda m: f"--{m.group(1).replace('_', '-')}:", str(exc))) from None
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load(args.checkpoint, device=device)
     # The flags given win over the recipe's sample section stored with the checkpoint, which wins

@@ -227,6 +227,24 @@ def test_generate_takes_the_recipes_sample_settings_and_flags_win(
     assert sample("--max-new-tokens", "9", "--repetition-penalty", "1.5") == greedy(9, 1.5)
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--top-k", "0"], "error: --top-k: must be > 0, got 0\n"),
+        (["--top-p", "2"], "error: --top-p: must be in (0, 1]; got 2.0\n"),
+        (["--temperature", "-1"], "error: --temperature: must be >= 0, got -1.0\n"),
+        (["--repetition-penalty", "0"], "error: --repetition-penalty: must be > 0"),
+        (["--max-new-tokens", "-3"], "error: --max-new-tokens: must be >= 0"),
+    ],
+)
+def test_a_bad_sampling_flag_is_named_as_the_flag(
+    flags: list[str], named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked before the checkpoint is read (there is none here), and named as typed."""
+    assert main(["generate", str(tmp_path / "nowhere"), *flags]) == 1
+    assert capsys.readouterr().err.startswith(named)
+
+
 def test_an_invalid_sample_setting_saved_with_the_checkpoint_names_the_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
