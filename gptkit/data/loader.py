@@ -6,6 +6,7 @@ processes (one per rank) share the page cache.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import torch
 
 from gptkit.data.prepare import SPLITS, load_meta, token_dtype
 from gptkit.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["BatchLoader", "TokenSplit", "eval_batches"]
 
@@ -204,17 +207,42 @@ class BatchLoader:
             yield self.next_batch()
 
     def state_dict(self) -> dict[str, int]:
-        """Position in the stream, JSON-serialisable: ``{"epoch": e, "batch_index": i}``."""
-        return {"epoch": self.epoch, "batch_index": self.batch_index}
+        """Position in the stream, JSON-serialisable: ``{"epoch": e, "batch_index": i,
+        "windows_per_batch": world_size * batch_size}`` (the global batch the index counts in)."""
+        return {
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "windows_per_batch": self.world_size * self.batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (from :meth:`state_dict` with the same seed and world size)."""
+        """Continue from ``state`` (from :meth:`state_dict` with the same seed).
+
+        A state saved with another global batch (world_size * batch_size: a resume on another
+        number of ranks, or with another batch_size) is converted through the number of windows of
+        the epoch already consumed, so the run neither reads those windows again nor skips ahead;
+        when that number is not a multiple of the new global batch, the few windows up to the next
+        multiple are skipped (never read twice)."""
         try:
             epoch, index = state["epoch"], state["batch_index"]
         except (KeyError, TypeError):
             raise DataError(f"bad data loader state {state!r}: no epoch/batch_index") from None
         if not all(type(v) is int and v >= 0 for v in (epoch, index)):  # bools are ints too
             raise DataError(f"bad data loader state {state!r}: need non-negative integers")
+        mine = self.world_size * self.batch_size
+        saved = state.get("windows_per_batch", mine)  # absent in older checkpoints: assume the same
+        if type(saved) is not int or saved < 1:
+            raise DataError(f"bad data loader state {state!r}: windows_per_batch must be a positive integer")
+        if saved != mine:
+            consumed = index * saved
+            converted = -(-consumed // mine)  # ceil: never read a window of this epoch twice
+            log = logger.warning if self.rank == 0 else logger.debug  # once, not per rank
+            log(
+                "the global batch changed from %d to %d sequences (world size x train.batch_size); the data "
+                "position, %d sequences into epoch %d, is batch %d of the new size",
+                saved, mine, consumed, epoch, converted,
+            )
+            index = converted
         self.epoch, self.batch_index = epoch, index
 
 
@@ -224,15 +252,25 @@ def eval_batches(
     batch_size: int,
     block_size: int,
     max_batches: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed set of at most ``max_batches`` (x, y) batches, each of shape (≤batch_size, T).
 
     Window starts are spaced evenly from the first to the last possible position, so the
     estimate covers the whole split and is identical on every call (and every rank). Batches are
     full; only when the split holds fewer than ``batch_size`` windows is there a single smaller one.
+
+    With ``world_size`` data-parallel ranks, ``batch_size`` is per rank as in :class:`BatchLoader`:
+    the set is the one a single process with batch ``world_size * batch_size`` evaluates, and rank
+    ``rank`` gets its share of every batch (a batch that does not split evenly goes whole to every
+    rank). The mean over ranks of each rank's mean loss is then the single process's val loss.
     """
     if batch_size < 1 or block_size < 1 or max_batches < 1:
         raise ValueError("batch_size, block_size and max_batches must be >= 1")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     tokens = TokenSplit(data_dir, split)
     n, T = len(tokens), block_size
     if n < T + 1:
@@ -240,9 +278,17 @@ def eval_batches(
             f"the {split} split of {data_dir} has {n} tokens, fewer than block_size+1 = {T + 1}; "
             "use a smaller block_size or more data"
         )
-    count = min(max_batches * batch_size, (n - 1) // T)  # no more windows than fit side by side
-    if count >= batch_size:
-        count -= count % batch_size
+    global_batch = batch_size * world_size
+    count = min(max_batches * global_batch, (n - 1) // T)  # no more windows than fit side by side
+    if count >= global_batch:
+        count -= count % global_batch
     starts = np.linspace(0, n - T - 1, num=count).round().astype(np.int64)
     windows = tokens.gather(starts, T + 1)
-    return [_to_xy(windows[i : i + batch_size]) for i in range(0, count, batch_size)]
+    batches = []
+    for i in range(0, count, global_batch):
+        batch = windows[i : i + global_batch]
+        if len(batch) % world_size == 0:
+            share = len(batch) // world_size
+            batch = batch[rank * share : (rank + 1) * share]
+        batches.append(_to_xy(batch))
+    return batches

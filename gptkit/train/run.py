@@ -169,7 +169,12 @@ def build_trainer(config: RunConfig, *, progress: bool = False) -> Trainer:
         rank=dp_rank,  # TP ranks read the same batches: data parallelism is over "dp" only
         world_size=dims.dp,
     )
-    val = eval_batches(data_dir, "val", train_config.batch_size, model_config.block_size, train_config.eval_batches)
+    # Each data-parallel rank evaluates its share of the set one process with the global batch
+    # would (the trainer averages over ranks), so the val loss does not depend on the world size.
+    val = eval_batches(
+        data_dir, "val", train_config.batch_size, model_config.block_size, train_config.eval_batches,
+        rank=dp_rank, world_size=dims.dp,
+    )
     return Trainer(
         model,
         train_config,

@@ -220,7 +220,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean loss over the validation batches (the same batches every time)."""
+        """Mean loss over the validation batches (the same batches every time), averaged over ranks
+        (a collective under several processes: every rank must hold as many batches)."""
         if not self.val_batches:
             return None
         self.model.eval()
@@ -230,7 +231,9 @@ class Trainer:
                 for x, y in self.val_batches
             ]
         self.model.train()
-        return sum(losses) / len(losses)
+        # Under data parallelism each rank holds its share of the set (see eval_batches), or the same
+        # batches as the others: either way the mean over ranks is the loss over the whole set.
+        return mean_over_ranks(sum(losses) / len(losses))
 
     def time_progress(self) -> float | None:
         """Fraction of the wall-clock budget used, or None when the schedule counts steps

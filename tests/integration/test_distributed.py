@@ -45,6 +45,10 @@ def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def read_last(path: Path) -> str:
+    return path.read_text().splitlines()[-1]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,6 +137,11 @@ def test_ddp_on_two_processes_matches_one_process_with_the_combined_batch(workdi
     for step, (a, b) in enumerate(zip(single, ddp), start=1):
         assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
     assert single[-1] < single[0] - 0.5  # it trained, so the comparison means something
+    # The val loss too: between them the ranks evaluate the set of the combined batch, not B each.
+    single_val, ddp_val = (
+        json.loads(read_last(workdir / run / "metrics.jsonl"))["val_loss"] for run in ("single", "ddp")
+    )
+    assert abs(single_val - ddp_val) <= 1e-5 * abs(single_val), (single_val, ddp_val)
     # Only rank 0 wrote: one record per step, and one checkpoint with the global data position.
     state = json.loads((workdir / "ddp" / "checkpoint" / "trainer_state.json").read_text())
     single_state = json.loads((workdir / "single" / "checkpoint" / "trainer_state.json").read_text())

@@ -1066,6 +1066,40 @@ def test_ranks_get_disjoint_windows(dataset):
     assert w0 | w1 == w_single
 
 
+def test_loader_resumed_with_another_global_batch_neither_repeats_nor_skips_windows(dataset):
+    """The position counts global batches: resumed with another world size x batch_size (2 ranks
+    of batch 2 on 1 process of batch 2, a batch_size override), it must continue after the
+    windows already read, not re-read or jump over part of the epoch."""
+    kwargs = dict(block_size=32, seed=3)
+    r0 = BatchLoader(dataset, "train", batch_size=2, rank=0, world_size=2, **kwargs)
+    r1 = BatchLoader(dataset, "train", batch_size=2, rank=1, world_size=2, **kwargs)
+    seen = {r for _ in range(3) for loader in (r0, r1) for r in rows(*loader.next_batch())}
+    state = json.loads(json.dumps(r0.state_dict()))
+    single = BatchLoader(dataset, "train", batch_size=2, **kwargs)
+    single.load_state_dict(state)
+    # The single process's next batches are the two ranks' next global batch, in order.
+    expected = rows(*r0.next_batch()) + rows(*r1.next_batch())
+    assert rows(*single.next_batch()) + rows(*single.next_batch()) == expected
+
+    # 12 windows read in batches of 4, resumed in batches of 5: start at window 15, never before 12.
+    four = BatchLoader(dataset, "train", batch_size=4, **kwargs)
+    read = [r for _ in range(3) for r in rows(*four.next_batch())]
+    five = BatchLoader(dataset, "train", batch_size=5, **kwargs)
+    five.load_state_dict(four.state_dict())
+    after = rows(*five.next_batch())
+    assert not set(after) & set(read)
+    reference = BatchLoader(dataset, "train", batch_size=1, **kwargs)
+    in_order = [rows(*reference.next_batch())[0] for _ in range(20)]
+    assert after == in_order[15:20] and read == in_order[:12]
+
+    # A checkpoint from before the field was recorded resumes as it always did.
+    old = BatchLoader(dataset, "train", batch_size=4, **kwargs)
+    old.load_state_dict({"epoch": 0, "batch_index": 3})
+    assert old.state_dict()["batch_index"] == 3
+    with pytest.raises(DataError, match="windows_per_batch"):
+        old.load_state_dict({"epoch": 0, "batch_index": 3, "windows_per_batch": 0})
+
+
 def test_loader_rejects_splits_that_are_too_small(dataset):
     val_tokens = load_meta(dataset)["splits"]["val"]["tokens"]
     with pytest.raises(DataError, match="block_size"):
@@ -1091,6 +1125,27 @@ def test_eval_batches_are_stable_and_cover_the_split(dataset):
     # Capped by how many windows fit: never more than the split holds.
     many = eval_batches(dataset, "val", batch_size=2, block_size=T, max_batches=10_000)
     assert 2 * len(many) <= (len(everything) - 1) // T
+
+
+def test_eval_batches_of_data_parallel_ranks_split_the_set_of_the_global_batch(dataset):
+    """2 ranks with batch B evaluate, between them, the set 1 process with batch 2B evaluates (so
+    the val loss, a mean over ranks, does not depend on the world size): not each its own B-set."""
+    T = 32
+    single = eval_batches(dataset, "val", batch_size=4, block_size=T, max_batches=3)
+    ranks = [eval_batches(dataset, "val", batch_size=2, block_size=T, max_batches=3, rank=r, world_size=2)
+             for r in range(2)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 3
+    for (x, y), (x0, y0), (x1, y1) in zip(single, *ranks):
+        assert x0.shape == x1.shape == (2, T)
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    # A split too small for one global batch: a smaller batch that does not split evenly over the
+    # ranks goes whole to every rank.
+    windows = (len(read_split(dataset, "val")) - 1) // T
+    world = next(k for k in (2, 3, 5, 7) if windows % k)
+    (whole,) = eval_batches(dataset, "val", batch_size=windows, block_size=T, max_batches=1)
+    for r in range(world):
+        (got,) = eval_batches(dataset, "val", batch_size=windows, block_size=T, max_batches=1, rank=r, world_size=world)
+        assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])
 
 
 def test_a_moved_corpus_with_the_same_text_is_the_same_data(prepared_txt):
