@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from collections.abc import Container
 from typing import Any
 
 from gptkit.errors import ConfigError, GptkitError
@@ -277,7 +278,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     try:
         SampleConfig(**given)  # a bad flag fails before the model is read
     except ConfigError as exc:  # "top_k: ..." names the field: name the flag that set it
-        raise ConfigError(re.sub(r"^(\w+):", lambda m: f"--{m.group(1).replace('_', '-')}:", str(exc))) from None
+        raise ConfigError(_named_as_flag(str(exc), given)) from None
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load(args.checkpoint, device=device)
     # The flags given win over the recipe's sample section stored with the checkpoint, which wins
@@ -411,12 +412,16 @@ _PLAN_FLAGS = {
 }
 
 
-# The arguments of gptkit.plan.plan that `gptkit plan` sets from flags.
-_PLAN_ARGS = {
-    "seq_len": "--seq-len", "global_batch": "--global-batch", "micro_batch": "--micro-batch", "gpu": "--gpu",
-    "gpus": "--gpus", "strategy": "--strategy", "tp": "--tp", "tokens": "--tokens", "mfu": "--mfu",
-    "precision": "--precision", "preset": "--preset",
-}
+# The arguments of gptkit.plan.plan that `gptkit plan` sets from flags of the same names.
+_PLAN_ARGS = ("seq_len", "global_batch", "micro_batch", "gpu", "gpus", "strategy", "tp", "tokens", "mfu",
+              "precision", "preset")
+
+
+def _named_as_flag(message: str, names: Container[str]) -> str:
+    """``message`` with a leading "top_k: ..." (a field or argument in ``names``) as "--top-k: ...",
+    the flag the user typed."""
+    return re.sub(r"^(\w+):", lambda m: f"--{m.group(1).replace('_', '-')}:" if m.group(1) in names else m.group(0),
+                  message)
 
 
 def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -464,8 +469,7 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
         # Errors name config fields ("model.block_size: ...") or plan()'s arguments ("gpus: ..."):
         # name the flags that set them instead.
         message = re.sub(r"\bmodel\.(\w+)", lambda m: _PLAN_FLAGS.get(m.group(1), m.group(0)), str(exc))
-        message = re.sub(r"^(\w+):", lambda m: _PLAN_ARGS.get(m.group(1), m.group(1)) + ":", message)
-        raise ConfigError(message) from None
+        raise ConfigError(_named_as_flag(message, _PLAN_ARGS)) from None
     if args.json:
         print(json.dumps(plan_as_dict(result), indent=2))
     else:

@@ -17,6 +17,22 @@ from pathlib import Path
 from typing import Any
 
 
+def is_or_contains_cwd(path: Path) -> bool:
+    """Whether ``path`` is the current directory or one above it: a directory replaced whole there
+    would leave the shell in a deleted directory (and delete what the user is working on)."""
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    return resolved == cwd or resolved in cwd.parents
+
+
+def nearest_existing(path: Path) -> Path | None:
+    """``path`` itself if it exists (a dangling link counts), else its nearest existing parent: where a
+    directory to be made at ``path`` would go, and which must then be a directory."""
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return candidate
+    return None
+
+
 def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets us open a directory
         fd = os.open(directory, os.O_RDONLY)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from gptkit.data.sources import Corpus, Fingerprint, corpus_fingerprint, has_text, resolve_source
 from gptkit.errors import ConfigError, DataError, reason
+from gptkit.fileio import is_or_contains_cwd, nearest_existing
 from gptkit.fileio import atomic_directory, atomic_write_json
 
 __all__ = [
@@ -129,18 +130,16 @@ def _check_out_dir(out: Path) -> None:
     ``atomic_directory`` swaps the whole directory, so a typo like ``--out .`` would otherwise
     delete unrelated files.
     """
-    resolved, cwd = out.resolve(), Path.cwd().resolve()
-    if resolved == cwd or resolved in cwd.parents:
-        # The directory is replaced whole: the shell would be left in a deleted directory.
+    if is_or_contains_cwd(out):  # the directory is replaced whole
         raise DataError(
             f"output directory {out} is or contains the current directory; choose another one, "
             "such as a new subdirectory"
         )
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output {out} exists and is not a directory")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise DataError(f"output {out} lies inside {parent}, which is a file, not a directory")
+    nearest = nearest_existing(out)
+    if nearest is not None and nearest.exists() and not nearest.is_dir():  # a dangling link is replaced
+        if nearest == out:
+            raise DataError(f"output {out} exists and is not a directory")
+        raise DataError(f"output {out} lies inside {nearest}, which is a file, not a directory")
     if out.is_dir() and any(out.iterdir()):
         try:
             ours = json.loads((out / "meta.json").read_text("utf-8")).get("format") == META_FORMAT

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 
 from gptkit.config import ModelConfig
 from gptkit.errors import CheckpointError, ConfigError, GptkitError, first_line
-from gptkit.fileio import atomic_directory
+from gptkit.fileio import atomic_directory, is_or_contains_cwd, nearest_existing
 from gptkit.model.gpt import GPT
 
 logger = logging.getLogger(__name__)
@@ -470,18 +470,15 @@ def check_replaceable_model_directory(out: Path, *, replace: bool = True) -> Non
     replace whole): a folder of other files, or the current directory, would be deleted with it.
     With ``replace=False`` (``gptkit convert`` without --force) an earlier model directory is
     refused too."""
-    target = out.resolve()
-    if target == Path.cwd() or target in Path.cwd().parents:
+    if is_or_contains_cwd(out):
         raise ConfigError(f"destination {out} is or contains the current directory; choose another directory")
-    if not out.exists() and not out.is_symlink():
-        for parent in out.parents:  # the nearest existing folder above a new destination
-            if parent.exists():
-                if not parent.is_dir():
-                    raise ConfigError(f"destination {out} lies inside {parent}, which is a file; choose a directory")
-                break
-        return
-    if not out.is_dir():
-        raise ConfigError(f"destination {out} exists and is not a directory")
+    nearest = nearest_existing(out)
+    if nearest is not None and not nearest.is_dir():
+        if nearest == out:
+            raise ConfigError(f"destination {out} exists and is not a directory")
+        raise ConfigError(f"destination {out} lies inside {nearest}, which is a file; choose a directory")
+    if nearest != out:
+        return  # a new directory
     if not any(out.iterdir()):
         return  # an empty folder, e.g. made by the user for the output
     if not replace:

@@ -61,7 +61,9 @@ from gptkit.checkpoint import (
 )
 from gptkit.config import to_dict
 from gptkit.errors import CheckpointError, ConfigError, first_line
-from gptkit.fileio import atomic_directory, atomic_write_json, publish_directory, restore_set_aside
+from gptkit.fileio import (
+    atomic_directory, atomic_write_json, nearest_existing, publish_directory, restore_set_aside,
+)
 from gptkit.model.gpt import GPT
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -247,15 +249,13 @@ def check_run_directory(out_dir: str | Path, *, resume: bool, overwrite: bool) -
             "--resume and --overwrite contradict each other: resume continues the checkpoint in "
             f"train.out_dir {out}, overwrite starts over in it; pass one of them"
         )
-    for path in (out, *out.parents):
-        if not (path.exists() or path.is_symlink()):
-            continue
-        if not path.is_dir():
-            where = "is a file" if path == out else f"lies inside {path}, which is a file"
+    nearest = nearest_existing(out)  # out itself, or where it will be made
+    if nearest is not None:
+        if not nearest.is_dir():
+            where = "is a file" if nearest == out else f"lies inside {nearest}, which is a file"
             raise ConfigError(f"train.out_dir {out} {where}, not a directory; give a directory for the run")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"train.out_dir {out}: cannot write in {path} (permission denied)")
-        break
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            raise ConfigError(f"train.out_dir {out}: cannot write in {nearest} (permission denied)")
     if (out / METRICS_FILE).is_dir():
         raise ConfigError(f"train.out_dir {out}: {out / METRICS_FILE} is a directory, not a file; remove it")
     checkpoint = out / CHECKPOINT_DIR
