@@ -6,7 +6,8 @@ residual add, LayerNorm reading the sum again, and in the backward a column sum 
 residual-gradient add, and a fresh allocation for every intermediate, whose pages the kernel hands
 back zeroed, one fault at a time. Here one ``torch.autograd.Function`` runs it all:
 
-- the matmuls are ATen's (``torch.mm`` / ``addmm``, MKL), written into preallocated buffers;
+- the matrix products are gptkit's (``gemm_kernel``: the activations read in place, each result
+  written once), or ``torch.mm`` / ``addmm`` (MKL) on CPUs without AVX-512, into preallocated buffers;
 - attention is gptkit's fused causal kernel (``attention_kernel``);
 - the rest is fused C kernels (``csrc/block.c``): the embedding lookup, residual + bias + LayerNorm
   (or RMSNorm), its backward with the residual gradient and the bias gradient, bias + GELU (keeping
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
-from gptkit.model import attention_kernel
+from gptkit.model import attention_kernel, gemm_kernel
 from gptkit.model.attention_kernel import _address
 from gptkit.model.cpu_kernels import POINTER, SIZE, THREADS, _eager, load_library
 from gptkit.model.layers import MLP, AttentionContext, Block, CausalSelfAttention, LayerNorm, RMSNorm, RotaryEmbedding
@@ -319,6 +320,10 @@ class _Shape:
     def D(self) -> int:  # head width
         return self.qkv // (self.H + 2 * self.Hkv)
 
+    @property
+    def weight_shapes(self) -> tuple[tuple[int, int], ...]:  # (out, in) of qkv, out, up and down
+        return (self.qkv, self.C), (self.C, self.H * self.D), (self.up, self.C), (self.C, self.hidden)
+
 
 class _Buffers:
     """Named float32 matrices, and their addresses for the C kernels (read once, not per call)."""
@@ -340,7 +345,8 @@ class _Arena:
     pre-activation; after the GELU it holds the GELU's derivative there instead, all the backward
     needs) and g (GELU of h + bias). Then the last residual with the final norm's mean and 1/std.
     Scratch for the backward: dg, dh, da, dxn, dy,
-    dqkv, and dx0 / dx1, the gradient flowing down, alternating between layers."""
+    dqkv, and dx0 / dx1, the gradient flowing down, alternating between layers; with the gemm
+    kernel, pack: room to lay out the largest weight for its forward product."""
 
     def __init__(self, s: _Shape) -> None:
         N, C, width = s.B * s.T, s.C, s.H * s.D
@@ -357,6 +363,8 @@ class _Arena:
         self.scratch = _Buffers({
             "dg": (N, s.hidden), "dh": (N, s.up), "da": (N, C), "dxn": (N, C), "dy": (N, width),
             "dqkv": (N, s.qkv), "dx0": (N, C), "dx1": (N, C),
+            **({"pack": (max(gemm_kernel.pack_floats(out, inp) for out, inp in s.weight_shapes),)}
+               if gemm_kernel.available() else {}),
         })
 
 
@@ -448,6 +456,7 @@ class _FusedTrunk(torch.autograd.Function):
         center = int(s.layer_norm)
         cos, sin = ctx_tables = _rope_tables(model, s)
         first = arena.layers[0].p
+        pack = arena.scratch.t.get("pack")  # None without the gemm kernel: gemm_kernel uses torch.mm
         if lib.embed_forward(tokens.data_ptr(), ptrs[0], ptrs[1], first["x"], s.B, s.T, C, table.shape[0], threads):
             lease.give_back()
             raise IndexError("index out of range in self")  # what nn.Embedding says
@@ -459,18 +468,15 @@ class _FusedTrunk(torch.autograd.Function):
             w1, b1, wqkv, bqkv, wo, bo, w2, b2, wup, bup, wd, bd = params[4 + _PER_BLOCK * layer:][:_PER_BLOCK]
             pw = block_ptrs[_PER_BLOCK * layer:][:_PER_BLOCK]
             t, p = arena.layers[layer].t, arena.layers[layer].p
-            if bqkv is not None:
-                torch.addmm(bqkv, t["a1"], wqkv.t(), out=t["qkv"])
-            else:
-                torch.mm(t["a1"], wqkv.t(), out=t["qkv"])
+            gemm_kernel.linear(t["a1"], wqkv, bqkv, t["qkv"], pack)
             if s.rope:  # rotate q and k in place; attention (and its backward) sees the rotated ones
                 lib.rope_rotate(p["qkv"], cos, sin, s.B, s.T, s.H, s.Hkv, s.D, 1.0, threads)
             attention_kernel._check(attn.attention_forward(p["qkv"], p["y"], p["lse"], p.get("probs"), s.B, s.T, s.H,
                                                            s.Hkv, s.D, threads))
-            torch.mm(t["y"], wo.t(), out=t["xn"])
+            gemm_kernel.linear(t["y"], wo, None, t["xn"], pack)
             lib.add_layer_norm(p["x"], p["xn"], pw[5], p["xn"], pw[6], pw[7], p["a2"], p["m2"], p["r2"], N, C, eps,
                                center, threads)
-            torch.mm(t["a2"], wup.t(), out=t["h"])
+            gemm_kernel.linear(t["a2"], wup, None, t["h"], pack)
             if s.gated:
                 lib.swiglu_forward(p["h"], pw[9], p["g"], N, s.hidden, threads)
             else:
@@ -483,7 +489,7 @@ class _FusedTrunk(torch.autograd.Function):
                 nxt_t, nxt = following.t["x"], following.p
                 norm_w, norm_b = block_ptrs[_PER_BLOCK * (layer + 1)], block_ptrs[_PER_BLOCK * (layer + 1) + 1]
                 a, m, r = nxt["a1"], nxt["m1"], nxt["r1"]
-            torch.mm(t["g"], wd.t(), out=nxt_t)
+            gemm_kernel.linear(t["g"], wd, None, nxt_t, pack)
             lib.add_layer_norm(p["xn"], nxt["x"], pw[11], nxt["x"], norm_w, norm_b, a, m, r, N, C, eps, center, threads)
         ctx.lease, ctx.shape, ctx.model, ctx.tables = lease, s, model, ctx_tables
         return out.view(s.B, s.T, C)
@@ -534,22 +540,22 @@ class _FusedTrunk(torch.autograd.Function):
             pw = ptrs[_PER_BLOCK * layer:][:_PER_BLOCK]
             t, p = arena.layers[layer].t, arena.layers[layer].p
             # MLP: x_next = xn + gelu(a2 Wup^T + bup) Wd^T + bd
-            torch.mm(d_next, wd, out=st["dg"])
-            d_wd = torch.mm(d_next.t(), t["g"])
+            gemm_kernel.grad_input(d_next, wd, st["dg"])
+            d_wd = gemm_kernel.grad_weight(d_next, t["g"])
             d_bup = new(s.up) if bup is not None else None
             if s.gated:
                 _check(lib.swiglu_backward(sp["dg"], p["h"], sp["dh"], _address(d_bup), N, s.hidden, threads))
             else:
                 _check(lib.gelu_backward_colsum(sp["dg"], p["h"], sp["dh"], _address(d_bup), N, s.hidden, threads))
-            torch.mm(st["dh"], wup, out=st["da"])
-            d_wup = torch.mm(st["dh"].t(), t["a2"])
+            gemm_kernel.grad_input(st["dh"], wup, st["da"])
+            d_wup = gemm_kernel.grad_weight(st["dh"], t["a2"])
             # LayerNorm 2 and the residual around it; its column sums are the out projection's bias gradient
             d_w2, d_b2, d_bo = new(C), new(C) if b2 is not None else None, new(C) if bo is not None else None
             _check(lib.layer_norm_backward(sp["da"], p["xn"], p["m2"], p["r2"], pw[6], d_next.data_ptr(), sp["dxn"],
                                            d_w2.data_ptr(), _address(d_b2), _address(d_bo), N, C, center, threads))
             # Attention: xn = x + attention(a1 Wqkv^T + bqkv) Wo^T + bo
-            torch.mm(st["dxn"], wo, out=st["dy"])
-            d_wo = torch.mm(st["dxn"].t(), t["y"])
+            gemm_kernel.grad_input(st["dxn"], wo, st["dy"])
+            d_wo = gemm_kernel.grad_weight(st["dxn"], t["y"])
             attention_kernel._check(attn.attention_backward(p["qkv"], p["y"], p["lse"], p.get("probs"), sp["dy"],
                                                             sp["dqkv"], s.B, s.T, s.H, s.Hkv, s.D, threads))
             if s.rope:  # back to the gradient of the unrotated q and k
@@ -557,8 +563,8 @@ class _FusedTrunk(torch.autograd.Function):
             d_bqkv = new(s.qkv) if bqkv is not None else None
             if d_bqkv is not None:
                 _check(lib.column_sum(sp["dqkv"], d_bqkv.data_ptr(), N, s.qkv, threads))
-            torch.mm(st["dqkv"], wqkv, out=st["da"])
-            d_wqkv = torch.mm(st["dqkv"].t(), t["a1"])
+            gemm_kernel.grad_input(st["dqkv"], wqkv, st["da"])
+            d_wqkv = gemm_kernel.grad_weight(st["dqkv"], t["a1"])
             # LayerNorm 1 and the residual; its column sums are the previous block's down bias gradient
             d_x = st[f"dx{layer % 2}"]
             d_w1, d_b1 = new(C), new(C) if b1 is not None else None

@@ -1,0 +1,121 @@
+"""gptkit's matrix products for the fused trunk (gptkit/model/gemm_kernel.py, csrc/gemm.c): a
+Linear's forward and both of its gradients equal float64 products, at every edge of the tiling
+(rows not a multiple of the tile's 6, columns not a multiple of 16 or 64); the fused trunk calls
+them; and where the kernel cannot run, the torch ops give the same results."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptkit.model import GPT, ModelConfig, fused_trunk, gemm_kernel
+
+from call_counter import Calls  # noqa: E402  (tests/unit, on sys.path)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler on this machine"
+)
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        return " avx512f " in f" {Path('/proc/cpuinfo').read_text().replace(chr(10), ' ')} "
+    except OSError:
+        return False
+
+
+def test_available_exactly_where_the_cpu_has_avx512() -> None:
+    """On this machine (AVX-512) the kernel must build: a test run here cannot skip past it."""
+    assert gemm_kernel.available() is _cpu_has_avx512()
+
+
+needs_kernel = pytest.mark.skipif(not gemm_kernel.available(), reason="the gemm kernel needs AVX-512")
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, K: int) -> None:
+    # float32 sums of K products of unit normals: the error grows like sqrt(K) ulps of the terms
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6 * K + 1e-6)
+
+
+ROWS = [1, 5, 6, 7, 13, 50]  # around the 6-row tile, and several tiles with a remainder
+COLS = [1, 15, 16, 17, 63, 64, 65, 130]  # around a 16-float vector and the 64-column panel
+DEPTHS = [1, 3, 128, 300]
+
+
+@needs_kernel
+@pytest.mark.parametrize("M, N, K", list(itertools.product(ROWS, COLS, DEPTHS)))
+def test_each_product_equals_float64(M: int, N: int, K: int) -> None:
+    gen = torch.Generator().manual_seed(M * 10_000 + N * 100 + K)
+    x, weight, bias = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen), torch.randn(N, generator=gen)
+    grad_out = torch.randn(M, N, generator=gen)
+    pack = torch.empty(gemm_kernel.pack_floats(N, K))
+    for b in (None, bias):
+        out = torch.full((M, N), float("nan"))  # every element must be written
+        assert gemm_kernel.linear(x, weight, b, out, pack) is out
+        want = x.double() @ weight.double().t() + (0 if b is None else b.double())
+        _close(out, want, K)
+    grad_input = torch.full((M, K), float("nan"))
+    assert gemm_kernel.grad_input(grad_out, weight, grad_input) is grad_input
+    _close(grad_input, grad_out.double() @ weight.double(), N)
+    grad_weight = gemm_kernel.grad_weight(grad_out, x)
+    assert grad_weight.shape == (N, K) and grad_weight.is_contiguous()
+    _close(grad_weight, grad_out.double().t() @ x.double(), M)
+
+
+@needs_kernel
+def test_writes_only_inside_the_output() -> None:
+    """A result that is a slice of a larger buffer (the trunk's arena) leaves its neighbours alone,
+    including past a masked last vector."""
+    M, N, K = 7, 20, 9
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen)
+    buffer = torch.full((M * N + 64,), 7.0)
+    out = buffer[:M * N].view(M, N)
+    gemm_kernel.linear(x, weight, None, out, torch.empty(gemm_kernel.pack_floats(N, K)))
+    assert torch.equal(buffer[M * N:], torch.full((64,), 7.0))
+
+
+@needs_kernel
+def test_wide_weights_take_torch_and_agree() -> None:
+    """Gradient products over more than MAX_STRIDED_ROWS weight rows go to torch.mm (the kernel
+    is slower there); the forward keeps the kernel. All three agree with float64."""
+    M, N, K = 12, gemm_kernel.MAX_STRIDED_ROWS + 8, 16
+    gen = torch.Generator().manual_seed(1)
+    x, weight, grad_out = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen), torch.randn(M, N, generator=gen)
+    out = torch.empty(M, N)
+    gemm_kernel.linear(x, weight, None, out, torch.empty(gemm_kernel.pack_floats(N, K)))
+    _close(out, x.double() @ weight.double().t(), K)
+    grad_input = torch.empty(M, K)
+    _close(gemm_kernel.grad_input(grad_out, weight, grad_input), grad_out.double() @ weight.double(), N)
+    _close(gemm_kernel.grad_weight(grad_out, x), grad_out.double().t() @ x.double(), M)
+
+
+def test_without_the_kernel_the_torch_ops_compute_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback branch (no AVX-512, or GPTKIT_CPU_KERNELS=0): torch.mm / addmm, same results."""
+    monkeypatch.setattr(gemm_kernel, "_library", lambda: None)
+    assert not gemm_kernel.available() and gemm_kernel.pack_floats(10, 10) == 0
+    gen = torch.Generator().manual_seed(2)
+    x, weight, bias, grad_out = (torch.randn(9, 5, generator=gen), torch.randn(4, 5, generator=gen),
+                                 torch.randn(4, generator=gen), torch.randn(9, 4, generator=gen))
+    out = torch.empty(9, 4)
+    _close(gemm_kernel.linear(x, weight, bias, out, None), x.double() @ weight.double().t() + bias.double(), 5)
+    _close(gemm_kernel.grad_input(grad_out, weight, torch.empty(9, 5)), grad_out.double() @ weight.double(), 4)
+    _close(gemm_kernel.grad_weight(grad_out, x), grad_out.double().t() @ x.double(), 9)
+
+
+@needs_kernel
+def test_the_fused_trunk_runs_its_products_through_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training step of the fused trunk: per block 4 forward products and 4 of each gradient."""
+    library = gemm_kernel._library()
+    counts = {name: Calls(monkeypatch, library, name, allowed=True, forbidden="")
+              for name in ("gemm_nt", "gemm_nn", "gemm_tn")}
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=3, n_head=4, d_model=32, block_size=16, vocab_size=50, dropout=0.0)).train()
+    tokens = torch.randint(0, 50, (2, 16))
+    assert fused_trunk.applies(model, tokens)
+    model(tokens).sum().backward()
+    assert {name: calls.count for name, calls in counts.items()} == {"gemm_nt": 12, "gemm_nn": 12, "gemm_tn": 12}
