@@ -46,17 +46,21 @@ int gemm_available(void);
 int gemm_available(void) { return 1; }
 
 /* One tile: C[r][n] = bias[n] + sum_k A(r, k) B(k, n), r < ROWS, n < 16 (VECS - 1) + popcount(last);
- * A(r, k) at A[r * ars + k * aks], B(k, n) at B[k * bks + n], bias may be NULL. `last` masks the
- * columns of the last vector (MASKED only; the full tile reads and writes all NR columns). The
- * loops over r and v have constant bounds, so the compiler unrolls them and keeps the tile in
- * registers. */
-#define DEFINE_TILE(NAME, ROWS, VECS, MASKED)                                                             \
-    static void NAME(int64_t K, const float *A, int64_t ars, int64_t aks, const float *B, int64_t bks,     \
-                     const float *bias, float *C, int64_t ldc, __mmask16 last) {                          \
+ * A(r, k) at A[r * lda + k], or at A[r + k * lda] when A_T (A stored transposed), B(k, n) at
+ * B[k * bks + n], bias may be NULL (then `zeros`). `last` masks the columns of the last vector
+ * (MASKED only; the other tiles read and write all 16 VECS columns). The loops over r and v have
+ * constant bounds and A's layout is fixed per function, so the compiler unrolls them into one loop
+ * over k that keeps the tile in registers. */
+static const float zeros[NR];
+
+#define DEFINE_TILE(NAME, ROWS, VECS, MASKED, A_T)                                                       \
+    static void NAME(int64_t K, const float *A, int64_t lda, const float *B, int64_t bks, const float *bias, \
+                     float *C, int64_t ldc, __mmask16 last) {                                             \
+        const float *start = bias ? bias : zeros;                                                         \
         __m512 c[ROWS][VECS];                                                                             \
         for (int v = 0; v < VECS; v++) {                                                                  \
             __mmask16 m = (MASKED && v == VECS - 1) ? last : (__mmask16)0xFFFF;                           \
-            __m512 init = bias ? _mm512_maskz_loadu_ps(m, bias + 16 * v) : _mm512_setzero_ps();           \
+            __m512 init = _mm512_maskz_loadu_ps(m, start + 16 * v);                                       \
             for (int r = 0; r < ROWS; r++) c[r][v] = init;                                                \
         }                                                                                                 \
         for (int64_t k = 0; k < K; k++) {                                                                 \
@@ -65,9 +69,8 @@ int gemm_available(void) { return 1; }
             for (int v = 0; v < VECS; v++)                                                                \
                 b[v] = (MASKED && v == VECS - 1) ? _mm512_maskz_loadu_ps(last, bk + 16 * v)              \
                                                  : _mm512_loadu_ps(bk + 16 * v);                          \
-            const float *a = A + k * aks;                                                                 \
             for (int r = 0; r < ROWS; r++) {                                                              \
-                __m512 ar = _mm512_set1_ps(a[r * ars]);                                                   \
+                __m512 ar = _mm512_set1_ps(A_T ? A[r + k * lda] : A[r * lda + k]);                        \
                 for (int v = 0; v < VECS; v++) c[r][v] = _mm512_fmadd_ps(ar, b[v], c[r][v]);              \
             }                                                                                             \
         }                                                                                                 \
@@ -80,46 +83,61 @@ int gemm_available(void) { return 1; }
         }                                                                                                 \
     }
 
-DEFINE_TILE(tile_full, MR, NV, 0)
-DEFINE_TILE(tile_1x4, 1, 4, 0)
-DEFINE_TILE(tile_mx1, MR, 1, 1)
-DEFINE_TILE(tile_mx2, MR, 2, 1)
-DEFINE_TILE(tile_mx3, MR, 3, 1)
-DEFINE_TILE(tile_mx4, MR, 4, 1)
-DEFINE_TILE(tile_1x1, 1, 1, 1)
-DEFINE_TILE(tile_1x2, 1, 2, 1)
-DEFINE_TILE(tile_1x3, 1, 3, 1)
-DEFINE_TILE(tile_1x4m, 1, 4, 1)
+/* Per layout of A: the full tile, then MR rows of 1-4 vectors (the last masked), then one row. */
+#define DEFINE_TILES(SUFFIX, A_T)                                     \
+    DEFINE_TILE(full_##SUFFIX, MR, NV, 0, A_T)                        \
+    DEFINE_TILE(row_##SUFFIX, 1, NV, 0, A_T)                          \
+    DEFINE_TILE(mx1_##SUFFIX, MR, 1, 1, A_T)                          \
+    DEFINE_TILE(mx2_##SUFFIX, MR, 2, 1, A_T)                          \
+    DEFINE_TILE(mx3_##SUFFIX, MR, 3, 1, A_T)                          \
+    DEFINE_TILE(mx4_##SUFFIX, MR, 4, 1, A_T)                          \
+    DEFINE_TILE(x1_##SUFFIX, 1, 1, 1, A_T)                            \
+    DEFINE_TILE(x2_##SUFFIX, 1, 2, 1, A_T)                            \
+    DEFINE_TILE(x3_##SUFFIX, 1, 3, 1, A_T)                            \
+    DEFINE_TILE(x4_##SUFFIX, 1, 4, 1, A_T)                            \
+    static const struct tiles tiles_##SUFFIX = {full_##SUFFIX, row_##SUFFIX, {mx1_##SUFFIX, mx2_##SUFFIX, mx3_##SUFFIX, mx4_##SUFFIX}, \
+                                                {x1_##SUFFIX, x2_##SUFFIX, x3_##SUFFIX, x4_##SUFFIX}};
 
-typedef void (*tile_fn)(int64_t, const float *, int64_t, int64_t, const float *, int64_t, const float *, float *,
-                        int64_t, __mmask16);
+typedef void (*tile_fn)(int64_t, const float *, int64_t, const float *, int64_t, const float *, float *, int64_t,
+                        __mmask16);
+struct tiles {
+    tile_fn full, row;           /* MR rows and one row, NR columns */
+    tile_fn rows_masked[NV];     /* MR rows, 1..NV vectors, the last masked */
+    tile_fn row_masked[NV];      /* one row, 1..NV vectors, the last masked */
+};
 
-/* rows (1..MR) x width (1..NR) of C at C, from A at A and the panel at B. */
-static void tile(int64_t rows, int64_t width, int64_t K, const float *A, int64_t ars, int64_t aks, const float *B,
-                 int64_t bks, const float *bias, float *C, int64_t ldc) {
+DEFINE_TILES(n, 0)  /* A as stored: the forward and the input gradient */
+DEFINE_TILES(t, 1)  /* A transposed: the weight gradient */
+
+/* rows (1..MR) x width (1..NR) of C at C, from A at A (row r of the tile at A + r * (A_T ? 1 : lda))
+ * and the panel at B. */
+static void tile(const struct tiles *f, int a_t, int64_t rows, int64_t width, int64_t K, const float *A, int64_t lda,
+                 const float *B, int64_t bks, const float *bias, float *C, int64_t ldc) {
+    const int64_t row_step = a_t ? 1 : lda;
     if (width == NR) {
         if (rows == MR) {
-            tile_full(K, A, ars, aks, B, bks, bias, C, ldc, 0xFFFF);
+            f->full(K, A, lda, B, bks, bias, C, ldc, 0xFFFF);
             return;
         }
-        for (int64_t r = 0; r < rows; r++) tile_1x4(K, A + r * ars, ars, aks, B, bks, bias, C + r * ldc, ldc, 0xFFFF);
+        for (int64_t r = 0; r < rows; r++) f->row(K, A + r * row_step, lda, B, bks, bias, C + r * ldc, ldc, 0xFFFF);
         return;
     }
-    static const tile_fn full_rows[NV] = {tile_mx1, tile_mx2, tile_mx3, tile_mx4};
-    static const tile_fn one_row[NV] = {tile_1x1, tile_1x2, tile_1x3, tile_1x4m};
     int64_t vecs = (width + 15) / 16, tail = width - 16 * (vecs - 1);
     __mmask16 last = (__mmask16)(tail == 16 ? 0xFFFF : (1u << tail) - 1u);
     if (rows == MR) {
-        full_rows[vecs - 1](K, A, ars, aks, B, bks, bias, C, ldc, last);
+        f->rows_masked[vecs - 1](K, A, lda, B, bks, bias, C, ldc, last);
         return;
     }
-    for (int64_t r = 0; r < rows; r++) one_row[vecs - 1](K, A + r * ars, ars, aks, B, bks, bias, C + r * ldc, ldc, last);
+    for (int64_t r = 0; r < rows; r++)
+        f->row_masked[vecs - 1](K, A + r * row_step, lda, B, bks, bias, C + r * ldc, ldc, last);
 }
 
-/* C (M, N; row stride ldc) = A B (+ bias): A(m, k) at A[m * ars + k * aks]; column panel p of B
- * (columns p NR .. p NR + NR - 1) has B(k, n) at B[p * panel_stride + k * bks + n - p NR]. */
-static void gemm_panels(int64_t M, int64_t N, int64_t K, const float *A, int64_t ars, int64_t aks, const float *B,
+/* C (M, N; row stride ldc) = A B (+ bias): A(m, k) at A[m * lda + k], or A[m + k * lda] when a_t;
+ * column panel p of B (columns p NR .. p NR + NR - 1) has B(k, n) at B[p * panel_stride + k * bks + n - p NR]. */
+static void gemm_panels(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, int a_t, const float *B,
                         int64_t panel_stride, int64_t bks, const float *bias, float *C, int64_t ldc, int threads) {
+    const struct tiles *f = a_t ? &tiles_t : &tiles_n;
+    const int64_t row_step = a_t ? 1 : lda;
     const int64_t panels = (N + NR - 1) / NR, row_tiles = (M + MR - 1) / MR;
     const int64_t runs = (row_tiles + ROW_TILES - 1) / ROW_TILES, items = panels * runs;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && items > 1)
@@ -130,7 +148,7 @@ static void gemm_panels(int64_t M, int64_t N, int64_t K, const float *A, int64_t
         int64_t t_end = (run + 1) * ROW_TILES < row_tiles ? (run + 1) * ROW_TILES : row_tiles;
         for (int64_t t = run * ROW_TILES; t < t_end; t++) {
             int64_t m0 = t * MR, rows = M - m0 < MR ? M - m0 : MR;
-            tile(rows, width, K, A + m0 * ars, ars, aks, B + p * panel_stride, bks, bias ? bias + n0 : NULL,
+            tile(f, a_t, rows, width, K, A + m0 * row_step, lda, B + p * panel_stride, bks, bias ? bias + n0 : NULL,
                  C + m0 * ldc + n0, ldc);
         }
     }
@@ -155,21 +173,21 @@ int gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const 
             }
         }
     }
-    gemm_panels(M, N, K, A, lda, 1, pack, K * NR, NR, bias, C, ldc, threads);
+    gemm_panels(M, N, K, A, lda, 0, pack, K * NR, NR, bias, C, ldc, threads);
     return 0;
 }
 
 /* C (M, N) = A (M, K; row stride lda) B (K, N; row stride ldb). Returns 0. */
 int gemm_nn(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B, int64_t ldb, float *C,
             int64_t ldc, int threads) {
-    gemm_panels(M, N, K, A, lda, 1, B, NR, ldb, NULL, C, ldc, threads);
+    gemm_panels(M, N, K, A, lda, 0, B, NR, ldb, NULL, C, ldc, threads);
     return 0;
 }
 
 /* C (M, N) = A^T B, A (K, M; row stride lda), B (K, N; row stride ldb). Returns 0. */
 int gemm_tn(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B, int64_t ldb, float *C,
             int64_t ldc, int threads) {
-    gemm_panels(M, N, K, A, 1, lda, B, NR, ldb, NULL, C, ldc, threads);
+    gemm_panels(M, N, K, A, lda, 1, B, NR, ldb, NULL, C, ldc, threads);
     return 0;
 }
 
