@@ -476,11 +476,14 @@ class _FusedTrunk(torch.autograd.Function):
             gemm_kernel.linear(t["y"], wo, None, t["xn"], pack)
             lib.add_layer_norm(p["x"], p["xn"], pw[5], p["xn"], pw[6], pw[7], p["a2"], p["m2"], p["r2"], N, C, eps,
                                center, threads)
-            gemm_kernel.linear(t["a2"], wup, None, t["h"], pack)
-            if s.gated:
-                lib.swiglu_forward(p["h"], pw[9], p["g"], N, s.hidden, threads)
+            if not s.gated and pack is not None and gemm_kernel.fuses_gelu(wd):  # the GELU tile by tile in the product
+                gemm_kernel.linear_gelu(t["a2"], wup, bup, t["h"], t["g"], pack)
             else:
-                lib.bias_gelu_forward(p["h"], pw[9], p["g"], N, s.hidden, threads)
+                gemm_kernel.linear(t["a2"], wup, None, t["h"], pack)
+                if s.gated:
+                    lib.swiglu_forward(p["h"], pw[9], p["g"], N, s.hidden, threads)
+                else:
+                    lib.bias_gelu_forward(p["h"], pw[9], p["g"], N, s.hidden, threads)
             if layer == s.layers - 1:  # the last residual, then the final norm into out
                 nxt_t, nxt = arena.final.t["x"], arena.final.p
                 norm_w, norm_b, a, m, r = ptrs[2], ptrs[3], out.data_ptr(), nxt["m"], nxt["r"]
@@ -540,13 +543,16 @@ class _FusedTrunk(torch.autograd.Function):
             pw = ptrs[_PER_BLOCK * layer:][:_PER_BLOCK]
             t, p = arena.layers[layer].t, arena.layers[layer].p
             # MLP: x_next = xn + gelu(a2 Wup^T + bup) Wd^T + bd
-            gemm_kernel.grad_input(d_next, wd, st["dg"])
-            d_wd = gemm_kernel.grad_weight(d_next, t["g"])
             d_bup = new(s.up) if bup is not None else None
-            if s.gated:
-                _check(lib.swiglu_backward(sp["dg"], p["h"], sp["dh"], _address(d_bup), N, s.hidden, threads))
+            if not s.gated and gemm_kernel.fuses_gelu(wd):  # as in the forward
+                gemm_kernel.grad_input_gelu(d_next, wd, t["h"], st["dh"], d_bup)
             else:
-                _check(lib.gelu_backward_colsum(sp["dg"], p["h"], sp["dh"], _address(d_bup), N, s.hidden, threads))
+                gemm_kernel.grad_input(d_next, wd, st["dg"])
+                if s.gated:
+                    _check(lib.swiglu_backward(sp["dg"], p["h"], sp["dh"], _address(d_bup), N, s.hidden, threads))
+                else:
+                    _check(lib.gelu_backward_colsum(sp["dg"], p["h"], sp["dh"], _address(d_bup), N, s.hidden, threads))
+            d_wd = gemm_kernel.grad_weight(d_next, t["g"])
             gemm_kernel.grad_input(st["dh"], wup, st["da"])
             d_wup = gemm_kernel.grad_weight(st["dh"], t["a2"])
             # LayerNorm 2 and the residual around it; its column sums are the out projection's bias gradient

@@ -8,7 +8,12 @@ whole training step ~1.1x (benchmarks/README.md). It needs AVX-512; elsewhere (o
 kernels switched off) each function here runs the ``torch`` op instead, which computes the same
 products (in another order of summation, so the last bits may differ).
 
-All three take plain contiguous CPU float32 tensors (the trunk's arena buffers and parameters);
+Two more run the MLP's tanh-GELU on each tile of the product while it is in the cache
+(``linear_gelu``, ``grad_input_gelu``), instead of a pass over the whole matrix after it; they
+have no torch fallback: the caller checks ``fuses_gelu`` and otherwise runs ``linear`` /
+``grad_input`` and its own GELU kernels.
+
+All of them take plain contiguous CPU float32 tensors (the trunk's arena buffers and parameters);
 the shapes are the caller's to get right, as for ``torch.mm(out=...)``.
 """
 
@@ -36,6 +41,9 @@ _SIGNATURES = (
     ("gemm_nt", (SIZE, SIZE, SIZE, POINTER, SIZE, POINTER, SIZE, POINTER, POINTER, SIZE, POINTER, THREADS), _STATUS),
     ("gemm_nn", (SIZE, SIZE, SIZE, POINTER, SIZE, POINTER, SIZE, POINTER, SIZE, THREADS), _STATUS),
     ("gemm_tn", (SIZE, SIZE, SIZE, POINTER, SIZE, POINTER, SIZE, POINTER, SIZE, THREADS), _STATUS),
+    ("gemm_nt_gelu", (SIZE, SIZE, SIZE, POINTER, SIZE, POINTER, SIZE, POINTER, POINTER, POINTER, POINTER, THREADS), _STATUS),
+    ("gemm_nn_gelu_backward",
+     (SIZE, SIZE, SIZE, POINTER, SIZE, POINTER, SIZE, POINTER, POINTER, POINTER, THREADS), _STATUS),
 )
 
 
@@ -57,8 +65,8 @@ def pack_floats(out_features: int, in_features: int) -> int:
 
 
 def _check(status: int) -> None:
-    if status != 0:  # only without AVX-512, where _library() is None and nothing calls in
-        raise RuntimeError("gptkit's gemm kernel is not available on this CPU")
+    if status != 0:  # without AVX-512 (then _library() is None and nothing calls in), or out of memory
+        raise MemoryError("gptkit's gemm kernel could not run (no AVX-512, or no memory for its column sums)")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
@@ -98,3 +106,35 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     _check(library.gemm_tn(N, K, M, grad_out.data_ptr(), N, x.data_ptr(), K, out.data_ptr(), K,
                            torch.get_num_threads()))
     return out
+
+
+def fuses_gelu(down_weight: torch.Tensor) -> bool:
+    """Whether ``linear_gelu`` and ``grad_input_gelu`` run for an MLP whose down projection has this
+    (d_model, hidden) weight (its rows are the strided operand of the input gradient)."""
+    return _library() is not None and down_weight.shape[0] <= MAX_STRIDED_ROWS
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, g: torch.Tensor,
+                pack: torch.Tensor) -> None:
+    """h = x (M, K) @ weight (N, K)^T + bias, then g (M, N) = tanh-GELU(h) and h replaced by GELU'(h)
+    (what csrc/block.c's bias_gelu_forward does after a ``linear``). Needs ``fuses_gelu``."""
+    library = _library()
+    assert library is not None
+    M, K = x.shape
+    N = weight.shape[0]
+    _check(library.gemm_nt_gelu(M, N, K, x.data_ptr(), K, weight.data_ptr(), K, None if bias is None else bias.data_ptr(),
+                                h.data_ptr(), g.data_ptr(), pack.data_ptr(), torch.get_num_threads()))
+
+
+def grad_input_gelu(grad_out: torch.Tensor, down_weight: torch.Tensor, gelu_grad: torch.Tensor, out: torch.Tensor,
+                    bias_grad: torch.Tensor | None) -> None:
+    """out (M, H) = (grad_out (M, C) @ down_weight (C, H)) * gelu_grad (M, H, as ``linear_gelu`` left it),
+    and bias_grad (H) = its column sums (or None): the gradient through the GELU to the up projection
+    (what a ``grad_input`` and csrc/block.c's gelu_backward_colsum do). Needs ``fuses_gelu``."""
+    library = _library()
+    assert library is not None
+    M, C = grad_out.shape
+    H = down_weight.shape[1]
+    _check(library.gemm_nn_gelu_backward(M, H, C, grad_out.data_ptr(), C, down_weight.data_ptr(), H,
+                                         gelu_grad.data_ptr(), out.data_ptr(),
+                                         None if bias_grad is None else bias_grad.data_ptr(), torch.get_num_threads()))

@@ -1,7 +1,8 @@
 """gptkit's matrix products for the fused trunk (gptkit/model/gemm_kernel.py, csrc/gemm.c): a
 Linear's forward and both of its gradients equal float64 products, at every edge of the tiling
 (rows not a multiple of the tile's 6, columns not a multiple of 16 or 64); the fused trunk calls
-them; and where the kernel cannot run, the torch ops give the same results."""
+them; the MLP's GELU done tile by tile equals the separate pass; and where the kernel cannot run,
+the torch ops give the same results."""
 
 from __future__ import annotations
 
@@ -109,13 +110,72 @@ def test_without_the_kernel_the_torch_ops_compute_the_same(monkeypatch: pytest.M
 
 @needs_kernel
 def test_the_fused_trunk_runs_its_products_through_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A training step of the fused trunk: per block 4 forward products and 4 of each gradient."""
+    """A training step of the fused trunk: per block 4 forward products (the MLP's up projection with
+    its GELU), 4 input gradients (the down projection's through the GELU) and 4 weight gradients."""
     library = gemm_kernel._library()
-    counts = {name: Calls(monkeypatch, library, name, allowed=True, forbidden="")
-              for name in ("gemm_nt", "gemm_nn", "gemm_tn")}
+    names = ("gemm_nt", "gemm_nt_gelu", "gemm_nn", "gemm_nn_gelu_backward", "gemm_tn")
+    counts = {name: Calls(monkeypatch, library, name, allowed=True, forbidden="") for name in names}
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=3, n_head=4, d_model=32, block_size=16, vocab_size=50, dropout=0.0)).train()
     tokens = torch.randint(0, 50, (2, 16))
     assert fused_trunk.applies(model, tokens)
     model(tokens).sum().backward()
-    assert {name: calls.count for name, calls in counts.items()} == {"gemm_nt": 12, "gemm_nn": 12, "gemm_tn": 12}
+    # per block: qkv, out and down forward, up with its GELU; the same backward; four weight gradients
+    assert {name: calls.count for name, calls in counts.items()} == {
+        "gemm_nt": 9, "gemm_nt_gelu": 3, "gemm_nn": 9, "gemm_nn_gelu_backward": 3, "gemm_tn": 12,
+    }
+
+
+def _gelu_and_derivative(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tanh-GELU and its derivative in float64, by autograd."""
+    u = u.detach().double().requires_grad_(True)
+    g = torch.nn.functional.gelu(u, approximate="tanh")
+    (derivative,) = torch.autograd.grad(g.sum(), u)
+    return g.detach(), derivative
+
+
+@needs_kernel
+@pytest.mark.parametrize("M, H, C", [(1, 1, 1), (7, 17, 5), (13, 64, 32), (50, 130, 24), (96, 512, 128)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_gelu_inside_the_products_equals_the_separate_pass(M: int, H: int, C: int, with_bias: bool) -> None:
+    """Up projection + GELU (keeping GELU' for the backward), and the gradient through the GELU to
+    the up projection with the bias gradient, against float64."""
+    gen = torch.Generator().manual_seed(M + H + C)
+    a2, w_up, b_up = torch.randn(M, C, generator=gen), torch.randn(H, C, generator=gen) * 0.3, torch.randn(H, generator=gen)
+    w_down, grad_out = torch.randn(C, H, generator=gen), torch.randn(M, C, generator=gen)
+    bias = b_up if with_bias else None
+    assert gemm_kernel.fuses_gelu(w_down)
+    h, g = torch.full((M, H), float("nan")), torch.full((M, H), float("nan"))
+    gemm_kernel.linear_gelu(a2, w_up, bias, h, g, torch.empty(gemm_kernel.pack_floats(H, C)))
+    u = a2.double() @ w_up.double().t() + (b_up.double() if with_bias else 0)
+    want_g, want_derivative = _gelu_and_derivative(u)
+    torch.testing.assert_close(g.double(), want_g, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.double(), want_derivative, rtol=1e-5, atol=1e-5)
+
+    dh, bias_grad = torch.full((M, H), float("nan")), torch.full((H,), float("nan"))
+    gemm_kernel.grad_input_gelu(grad_out, w_down, h, dh, bias_grad)
+    want_dh = (grad_out.double() @ w_down.double()) * h.double()
+    torch.testing.assert_close(dh.double(), want_dh, rtol=0, atol=2e-6 * C + 1e-6)
+    torch.testing.assert_close(bias_grad.double(), want_dh.sum(0), rtol=0, atol=2e-6 * C * M + 1e-5)
+    dh_alone = torch.full((M, H), float("nan"))
+    gemm_kernel.grad_input_gelu(grad_out, w_down, h, dh_alone, None)  # without the bias gradient
+    assert torch.equal(dh_alone, dh)
+
+
+@needs_kernel
+def test_the_bias_gradient_does_not_depend_on_the_threads() -> None:
+    """Its column sums are added over fixed runs of rows, whichever thread computed each."""
+    gen = torch.Generator().manual_seed(5)
+    grad_out, w_down, gelu_grad = torch.randn(300, 32, generator=gen), torch.randn(32, 96, generator=gen), torch.rand(300, 96, generator=gen)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            dh, bias_grad = torch.empty(300, 96), torch.empty(96)
+            gemm_kernel.grad_input_gelu(grad_out, w_down, gelu_grad, dh, bias_grad)
+            results.append((dh, bias_grad))
+    finally:
+        torch.set_num_threads(threads)
+    for dh, bias_grad in results[1:]:
+        assert torch.equal(dh, results[0][0]) and torch.equal(bias_grad, results[0][1])

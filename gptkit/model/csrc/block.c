@@ -193,15 +193,6 @@ int layer_norm_backward(const float *restrict da, const float *restrict xn, cons
     return 0;
 }
 
-/* g = gelu(u) and h = gelu'(u) for u = h (+ bias) over one row of C: a macro rather than a function
- * so that each loop below is the plain loop GCC vectorises best. */
-#define GELU_AND_DERIVATIVE(u_expr)                                      \
-    for (int64_t j = 0; j < C; j++) {                                    \
-        float u = (u_expr), s = sigmoid_of_gelu_arg(u);                  \
-        gr[j] = u * s;                                                   \
-        hr[j] = s + u * s * (1.0f - s) * (K0 + 3.0f * K1 * u * u);       \
-    }
-
 /* g = gelu(h + bias) (tanh approximation; bias per column, may be NULL), and h is overwritten with
  * gelu'(h + bias): all the backward needs, so that it is one multiply per element instead of another
  * exponential. With u = h + bias, s = sigmoid(z), z = K0 u + K1 u^3:
@@ -222,7 +213,6 @@ void bias_gelu_forward(float *restrict h, const float *restrict bias, float *res
         }
     }
 }
-#undef GELU_AND_DERIVATIVE
 
 /* dh = dg * gelu' (as bias_gelu_forward left it), and dcol = the column sums of dh (dcol may be
  * NULL). dh must not overlap the inputs. */

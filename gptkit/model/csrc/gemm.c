@@ -30,6 +30,7 @@
  * the caller uses torch.mm.
  */
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "common.h"
 
@@ -132,10 +133,53 @@ static void tile(const struct tiles *f, int a_t, int64_t rows, int64_t width, in
         f->row_masked[vecs - 1](K, A + r * row_step, lda, B, bks, bias, C + r * ldc, ldc, last);
 }
 
-/* C (M, N; row stride ldc) = A B (+ bias): A(m, k) at A[m * lda + k], or A[m + k * lda] when a_t;
- * column panel p of B (columns p NR .. p NR + NR - 1) has B(k, n) at B[p * panel_stride + k * bks + n - p NR]. */
+/* What is done to each tile of C right after it is computed, while it is in the L1 cache: the MLP's
+ * GELU in the forward, and its derivative in the backward, which would otherwise each be a pass
+ * over the whole matrix (written, then read back from L2 or L3). */
+enum { EPILOGUE_NONE, EPILOGUE_GELU, EPILOGUE_GELU_BACKWARD };
+struct epilogue {
+    int kind;
+    float *g;                /* GELU: g = gelu(c) (row stride ldg), and c is replaced by gelu'(c) */
+    int64_t ldg;
+    const float *gelu_grad;  /* GELU_BACKWARD: c *= gelu_grad (row stride ldd, as the forward left it) */
+    int64_t ldd;
+    float *partial;          /* GELU_BACKWARD: the column sums of c per run of ROW_TILES row tiles, (runs, N), or NULL */
+    int64_t N;
+};
+
+/* The epilogue of the tile of rows x width at row m0, column n0 of C (at c), in run `run`. */
+static void finish_tile(const struct epilogue *e, int64_t run, int64_t m0, int64_t n0, int64_t rows, int64_t width,
+                        float *c, int64_t ldc) {
+    const int64_t C = width;  /* the row length GELU_AND_DERIVATIVE runs over */
+    if (e->kind == EPILOGUE_GELU) {
+        for (int64_t r = 0; r < rows; r++) {
+            float *restrict hr = c + r * ldc, *restrict gr = e->g + (m0 + r) * e->ldg + n0;
+            GELU_AND_DERIVATIVE(hr[j])
+        }
+        return;
+    }
+    float *restrict sums = e->partial ? e->partial + run * e->N + n0 : NULL;
+    for (int64_t r = 0; r < rows; r++) {
+        float *restrict cr = c + r * ldc;
+        const float *restrict dr = e->gelu_grad + (m0 + r) * e->ldd + n0;
+        if (sums) {
+            for (int64_t j = 0; j < C; j++) {
+                float v = cr[j] * dr[j];
+                cr[j] = v;
+                sums[j] += v;
+            }
+        } else {
+            for (int64_t j = 0; j < C; j++) cr[j] *= dr[j];
+        }
+    }
+}
+
+/* C (M, N; row stride ldc) = A B (+ bias), then the epilogue (NULL: none): A(m, k) at A[m * lda + k],
+ * or A[m + k * lda] when a_t; column panel p of B (columns p NR .. p NR + NR - 1) has B(k, n) at
+ * B[p * panel_stride + k * bks + n - p NR]. */
 static void gemm_panels(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, int a_t, const float *B,
-                        int64_t panel_stride, int64_t bks, const float *bias, float *C, int64_t ldc, int threads) {
+                        int64_t panel_stride, int64_t bks, const float *bias, float *C, int64_t ldc,
+                        const struct epilogue *epilogue, int threads) {
     const struct tiles *f = a_t ? &tiles_t : &tiles_n;
     const int64_t row_step = a_t ? 1 : lda;
     const int64_t panels = (N + NR - 1) / NR, row_tiles = (M + MR - 1) / MR;
@@ -150,14 +194,14 @@ static void gemm_panels(int64_t M, int64_t N, int64_t K, const float *A, int64_t
             int64_t m0 = t * MR, rows = M - m0 < MR ? M - m0 : MR;
             tile(f, a_t, rows, width, K, A + m0 * row_step, lda, B + p * panel_stride, bks, bias ? bias + n0 : NULL,
                  C + m0 * ldc + n0, ldc);
+            if (epilogue) finish_tile(epilogue, run, m0, n0, rows, width, C + m0 * ldc + n0, ldc);
         }
     }
 }
 
-/* C (M, N) = A (M, K; row stride lda) W^T (+ bias (N), or NULL), W (N, K; row stride ldw).
- * pack: room for gemm_pack_floats(N, K) floats. Returns 0. */
-int gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *W, int64_t ldw,
-            const float *bias, float *C, int64_t ldc, float *pack, int threads) {
+/* W (N, K; row stride ldw) laid out as gemm_panels reads B = W^T: panel p holds columns p NR ..,
+ * pack[p K NR + k NR + j] = W[p NR + j][k], zero past N. */
+static void pack_transposed(int64_t N, int64_t K, const float *W, int64_t ldw, float *pack, int threads) {
     const int64_t panels = (N + NR - 1) / NR;
     /* Panel p holds columns p NR ..: pack[p K NR + k NR + j] = W[p NR + j][k], zero past N. */
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && panels > 1)
@@ -173,21 +217,62 @@ int gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const 
             }
         }
     }
-    gemm_panels(M, N, K, A, lda, 0, pack, K * NR, NR, bias, C, ldc, threads);
+}
+
+/* C (M, N) = A (M, K; row stride lda) W^T (+ bias (N), or NULL), W (N, K; row stride ldw).
+ * pack: room for gemm_pack_floats(N, K) floats. Returns 0. */
+int gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *W, int64_t ldw,
+            const float *bias, float *C, int64_t ldc, float *pack, int threads) {
+    pack_transposed(N, K, W, ldw, pack, threads);
+    gemm_panels(M, N, K, A, lda, 0, pack, K * NR, NR, bias, C, ldc, NULL, threads);
+    return 0;
+}
+
+/* The MLP's up projection and GELU: H (M, N) = A W^T (+ bias), then G = gelu(H) (tanh form, as
+ * block.c's bias_gelu_forward) and H replaced by gelu'(H), all the backward needs. Returns 0. */
+int gemm_nt_gelu(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *W, int64_t ldw,
+                 const float *bias, float *H, float *G, float *pack, int threads) {
+    pack_transposed(N, K, W, ldw, pack, threads);
+    struct epilogue e = {EPILOGUE_GELU, G, N, NULL, 0, NULL, N};
+    gemm_panels(M, N, K, A, lda, 0, pack, K * NR, NR, bias, H, N, &e, threads);
+    return 0;
+}
+
+/* The GELU's backward through the down projection: DH (M, N) = (A B) * gelu_grad, A (M, K; row stride
+ * lda) the gradient of the MLP's output, B (K, N; row stride ldb) the down projection's weight,
+ * gelu_grad (M, N) what gemm_nt_gelu left in H; dcol = the column sums of DH (the up projection's
+ * bias gradient; may be NULL), added over runs of rows in a fixed order whatever the threads.
+ * Returns 0, or 1 when the sums' scratch memory could not be allocated (nothing written). */
+int gemm_nn_gelu_backward(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B, int64_t ldb,
+                          const float *gelu_grad, float *DH, float *dcol, int threads) {
+    const int64_t runs = ((M + MR - 1) / MR + ROW_TILES - 1) / ROW_TILES;
+    float *partial = NULL;
+    if (dcol) {
+        partial = calloc((size_t)(runs * N), sizeof(float));
+        if (!partial) return 1;
+    }
+    struct epilogue e = {EPILOGUE_GELU_BACKWARD, NULL, 0, gelu_grad, N, partial, N};
+    gemm_panels(M, N, K, A, lda, 0, B, NR, ldb, NULL, DH, N, &e, threads);
+    if (dcol) {
+        for (int64_t n = 0; n < N; n++) dcol[n] = partial[n];
+        for (int64_t run = 1; run < runs; run++)
+            for (int64_t n = 0; n < N; n++) dcol[n] += partial[run * N + n];
+        free(partial);
+    }
     return 0;
 }
 
 /* C (M, N) = A (M, K; row stride lda) B (K, N; row stride ldb). Returns 0. */
 int gemm_nn(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B, int64_t ldb, float *C,
             int64_t ldc, int threads) {
-    gemm_panels(M, N, K, A, lda, 0, B, NR, ldb, NULL, C, ldc, threads);
+    gemm_panels(M, N, K, A, lda, 0, B, NR, ldb, NULL, C, ldc, NULL, threads);
     return 0;
 }
 
 /* C (M, N) = A^T B, A (K, M; row stride lda), B (K, N; row stride ldb). Returns 0. */
 int gemm_tn(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B, int64_t ldb, float *C,
             int64_t ldc, int threads) {
-    gemm_panels(M, N, K, A, lda, 1, B, NR, ldb, NULL, C, ldc, threads);
+    gemm_panels(M, N, K, A, lda, 1, B, NR, ldb, NULL, C, ldc, NULL, threads);
     return 0;
 }
 
@@ -211,6 +296,18 @@ int gemm_nn(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const 
 int gemm_tn(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B, int64_t ldb, float *C,
             int64_t ldc, int threads) {
     (void)M, (void)N, (void)K, (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc, (void)threads;
+    return 1;
+}
+int gemm_nt_gelu(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *W, int64_t ldw,
+                 const float *bias, float *H, float *G, float *pack, int threads) {
+    (void)M, (void)N, (void)K, (void)A, (void)lda, (void)W, (void)ldw, (void)bias, (void)H, (void)G, (void)pack;
+    (void)threads;
+    return 1;
+}
+int gemm_nn_gelu_backward(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B, int64_t ldb,
+                          const float *gelu_grad, float *DH, float *dcol, int threads) {
+    (void)M, (void)N, (void)K, (void)A, (void)lda, (void)B, (void)ldb, (void)gelu_grad, (void)DH, (void)dcol;
+    (void)threads;
     return 1;
 }
 int64_t gemm_pack_floats(int64_t N, int64_t K) { return N * K; }
