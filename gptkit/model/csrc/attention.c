@@ -16,11 +16,12 @@
  *     dP_ij = dy_i . v_j,  dS_ij = P_ij (dP_ij - delta_i),
  *     dq_i = s sum_j dS_ij k_j,  dk_j = s sum_i dS_ij q_i,  dv_j = sum_i P_ij dy_i.
  * For small T a head's T x T scores fit in the L1/L2 cache, so each (batch row, head) is one task
- * done whole, with no tiling over keys (no online softmax); tasks are handed to the threads one at
- * a time (schedule(dynamic)): on a shared machine a thread that loses its core for a while then
- * does fewer tasks instead of holding up the call (a static split was 1.1x-1.16x slower under
- * load, 1-2% when the machine was quiet). Each task writes its own outputs, so the results do not
- * depend on the split.
+ * done whole, with no tiling over keys (no online softmax). The tasks are split statically in
+ * order, so that each thread handles the batch rows whose activations its own core computed in
+ * the fused trunk's other kernels (see gemm.c: that matters when the two vCPUs of the test machine
+ * sit on different core complexes; a dynamic split, better when another process takes a core for
+ * a while, measured the same or slower in a training step here). Each task writes its own
+ * outputs, so the results do not depend on the split.
  *
  * All five products are one small matrix-multiply routine, gemm_small, whose inner blocks keep a
  * 4 x 16 tile of the result in registers: each step loads two 8-float vectors of B and four
@@ -242,7 +243,7 @@ int attention_forward(const float *qkv, float *y, float *lse, float *probs, int6
             #pragma omp atomic write
             failed = 1;
         }
-        #pragma omp for schedule(dynamic, 1)
+        #pragma omp for schedule(static)
         for (int64_t task = 0; task < B * H; task++) {
             if (!kt) continue;  /* every thread must still reach the loop's closing barrier */
             int64_t b = task / H, h = task % H;
@@ -309,7 +310,7 @@ int attention_backward(const float *qkv, const float *y, const float *lse, const
             #pragma omp atomic write
             failed = 1;
         }
-        #pragma omp for schedule(dynamic, 1)
+        #pragma omp for schedule(static)
         for (int64_t task = 0; task < B * Hkv; task++) {
             if (!kt) continue;
             int64_t b = task / Hkv, hk = task % Hkv;
