@@ -346,7 +346,8 @@ class _Arena:
     needs) and g (GELU of h + bias). Then the last residual with the final norm's mean and 1/std.
     Scratch for the backward: dg, dh, da, dxn, dy,
     dqkv, and dx0 / dx1, the gradient flowing down, alternating between layers; with the gemm
-    kernel, pack: room to lay out the largest weight for its forward product."""
+    kernel, pack: room to lay out the largest weight for its forward product, and partials: room
+    for the weight gradients' per-thread partial sums."""
 
     def __init__(self, s: _Shape) -> None:
         N, C, width = s.B * s.T, s.C, s.H * s.D
@@ -363,7 +364,8 @@ class _Arena:
         self.scratch = _Buffers({
             "dg": (N, s.hidden), "dh": (N, s.up), "da": (N, C), "dxn": (N, C), "dy": (N, width),
             "dqkv": (N, s.qkv), "dx0": (N, C), "dx1": (N, C),
-            **({"pack": (max(gemm_kernel.pack_floats(out, inp) for out, inp in s.weight_shapes),)}
+            **({"pack": (max(gemm_kernel.pack_floats(out, inp) for out, inp in s.weight_shapes),),
+                "partials": (max(1, max(gemm_kernel.weight_scratch_floats(out, inp) for out, inp in s.weight_shapes)),)}
                if gemm_kernel.available() else {}),
         })
 
@@ -524,6 +526,7 @@ class _FusedTrunk(torch.autograd.Function):
 
         grads: list[torch.Tensor | None] = [None] * len(block_params)
         st, sp = arena.scratch.t, arena.scratch.p
+        partials = st.get("partials")  # the weight gradients' per-thread sums (with the gemm kernel)
 
         def new(*size: int) -> torch.Tensor:
             return torch.empty(size, dtype=torch.float32, device="cpu")
@@ -552,16 +555,16 @@ class _FusedTrunk(torch.autograd.Function):
                     _check(lib.swiglu_backward(sp["dg"], p["h"], sp["dh"], _address(d_bup), N, s.hidden, threads))
                 else:
                     _check(lib.gelu_backward_colsum(sp["dg"], p["h"], sp["dh"], _address(d_bup), N, s.hidden, threads))
-            d_wd = gemm_kernel.grad_weight(d_next, t["g"])
+            d_wd = gemm_kernel.grad_weight(d_next, t["g"], partials)
             gemm_kernel.grad_input(st["dh"], wup, st["da"])
-            d_wup = gemm_kernel.grad_weight(st["dh"], t["a2"])
+            d_wup = gemm_kernel.grad_weight(st["dh"], t["a2"], partials)
             # LayerNorm 2 and the residual around it; its column sums are the out projection's bias gradient
             d_w2, d_b2, d_bo = new(C), new(C) if b2 is not None else None, new(C) if bo is not None else None
             _check(lib.layer_norm_backward(sp["da"], p["xn"], p["m2"], p["r2"], pw[6], d_next.data_ptr(), sp["dxn"],
                                            d_w2.data_ptr(), _address(d_b2), _address(d_bo), N, C, center, threads))
             # Attention: xn = x + attention(a1 Wqkv^T + bqkv) Wo^T + bo
             gemm_kernel.grad_input(st["dxn"], wo, st["dy"])
-            d_wo = gemm_kernel.grad_weight(st["dxn"], t["y"])
+            d_wo = gemm_kernel.grad_weight(st["dxn"], t["y"], partials)
             attention_kernel._check(attn.attention_backward(p["qkv"], p["y"], p["lse"], p.get("probs"), sp["dy"],
                                                             sp["dqkv"], s.B, s.T, s.H, s.Hkv, s.D, threads))
             if s.rope:  # back to the gradient of the unrotated q and k
@@ -570,7 +573,7 @@ class _FusedTrunk(torch.autograd.Function):
             if d_bqkv is not None:
                 _check(lib.column_sum(sp["dqkv"], d_bqkv.data_ptr(), N, s.qkv, threads))
             gemm_kernel.grad_input(st["dqkv"], wqkv, st["da"])
-            d_wqkv = gemm_kernel.grad_weight(st["dqkv"], t["a1"])
+            d_wqkv = gemm_kernel.grad_weight(st["dqkv"], t["a1"], partials)
             # LayerNorm 1 and the residual; its column sums are the previous block's down bias gradient
             d_x = st[f"dx{layer % 2}"]
             d_w1, d_b1 = new(C), new(C) if b1 is not None else None

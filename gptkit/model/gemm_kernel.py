@@ -40,7 +40,7 @@ _SIGNATURES = (
     ("gemm_pack_floats", (SIZE, SIZE), SIZE),
     ("gemm_nt", (SIZE, SIZE, SIZE, POINTER, SIZE, POINTER, SIZE, POINTER, POINTER, SIZE, POINTER, THREADS), _STATUS),
     ("gemm_nn", (SIZE, SIZE, SIZE, POINTER, SIZE, POINTER, SIZE, POINTER, SIZE, THREADS), _STATUS),
-    ("gemm_tn", (SIZE, SIZE, SIZE, POINTER, SIZE, POINTER, SIZE, POINTER, SIZE, THREADS), _STATUS),
+    ("gemm_tn", (SIZE, SIZE, SIZE, POINTER, SIZE, POINTER, SIZE, POINTER, SIZE, POINTER, SIZE, THREADS), _STATUS),
     ("gemm_nt_gelu", (SIZE, SIZE, SIZE, POINTER, SIZE, POINTER, SIZE, POINTER, POINTER, POINTER, POINTER, THREADS), _STATUS),
     ("gemm_nn_gelu_backward",
      (SIZE, SIZE, SIZE, POINTER, SIZE, POINTER, SIZE, POINTER, POINTER, POINTER, THREADS), _STATUS),
@@ -95,8 +95,10 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) 
     return out
 
 
-def grad_weight(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """grad_out (M, N)^T @ x (M, K), a new (N, K) tensor: the gradient of a Linear's weight."""
+def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """grad_out (M, N)^T @ x (M, K), a new (N, K) tensor: the gradient of a Linear's weight. With
+    ``scratch`` of at least ``weight_scratch_floats(N, K)`` floats each thread sums over its own
+    share of the M rows first (see csrc/gemm.c's gemm_tn)."""
     library = _library()
     if library is None or grad_out.shape[1] > MAX_STRIDED_ROWS:
         return torch.mm(grad_out.t(), x)
@@ -104,8 +106,16 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     K = x.shape[1]
     out = torch.empty(N, K, dtype=torch.float32)
     _check(library.gemm_tn(N, K, M, grad_out.data_ptr(), N, x.data_ptr(), K, out.data_ptr(), K,
+                           None if scratch is None else scratch.data_ptr(), 0 if scratch is None else scratch.numel(),
                            torch.get_num_threads()))
     return out
+
+
+def weight_scratch_floats(out_features: int, in_features: int, threads: int | None = None) -> int:
+    """Floats of scratch ``grad_weight`` uses for a (out_features, in_features) weight with this many
+    threads (default: torch's): one partial sum per thread but the first."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return max(threads - 1, 0) * out_features * in_features
 
 
 def fuses_gelu(down_weight: torch.Tensor) -> bool:

@@ -179,3 +179,23 @@ def test_the_bias_gradient_does_not_depend_on_the_threads() -> None:
         torch.set_num_threads(threads)
     for dh, bias_grad in results[1:]:
         assert torch.equal(dh, results[0][0]) and torch.equal(bias_grad, results[0][1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("M, N, K", [(2, 5, 3), (7, 17, 9), (50, 130, 24), (768, 128, 64)])
+def test_the_weight_gradient_split_over_rows_equals_float64(threads: int, M: int, N: int, K: int) -> None:
+    """With scratch each thread sums its own rows (tokens) and the parts are added; with too little
+    scratch (or fewer rows than 2 per thread) the product is split by output rows instead."""
+    gen = torch.Generator().manual_seed(M + N + K)
+    grad_out, x = torch.randn(M, N, generator=gen), torch.randn(M, K, generator=gen)
+    want = grad_out.double().t() @ x.double()
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        enough = torch.full((max(1, gemm_kernel.weight_scratch_floats(N, K)),), float("nan"))
+        for scratch in (enough, torch.empty(1), None):
+            _close(gemm_kernel.grad_weight(grad_out, x, scratch), want, M)
+    finally:
+        torch.set_num_threads(saved)
+    assert gemm_kernel.weight_scratch_floats(N, K, threads=3) == 2 * N * K
