@@ -626,3 +626,59 @@ def run(model: nn.Module, tokens: torch.Tensor, params: list[torch.Tensor | None
                    H=attn.n_head, Hkv=attn.n_kv_head, layers=len(blocks), layer_norm=type(model.final_norm) is LayerNorm,
                    gated=first.mlp.gated, rope=model.rotary is not None)
     return _FusedTrunk.apply(tokens.contiguous(), model, shape, model.final_norm.eps, *params)
+
+
+# ---------------------------------------------------------------------------------- the LM head
+
+
+class _LMHead(torch.autograd.Function):
+    """logits (B, T, V) = x (B, T, C) @ weight (V, C)^T through the gemm kernel, forward and backward:
+    what the (bias-free, usually tied) LM head Linear computes after the fused trunk."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        *lead, C = x.shape
+        rows = x.reshape(-1, C)
+        if not rows.is_contiguous():  # x[:, -1:] (last_only) of a batch
+            rows = rows.contiguous()
+        V = weight.shape[0]
+        logits = torch.empty(rows.shape[0], V, dtype=torch.float32, device="cpu")
+        pack = torch.empty(gemm_kernel.pack_floats(V, C), dtype=torch.float32, device="cpu")
+        gemm_kernel.linear(rows, weight, None, logits, pack)
+        ctx.save_for_backward(x, weight)  # x itself, not rows: a double backward differentiates through it
+        ctx.lead = lead
+        return logits.view(*lead, V)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        V, C = weight.shape
+        rows = x.reshape(-1, C)
+        if torch.is_grad_enabled() or not torch._C._has_storage(grad):  # double backward, batched gradients
+            g = grad.reshape(-1, V)
+            return (g @ weight).view(*ctx.lead, C), g.t() @ rows
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        g = grad.reshape(-1, V)
+        if not g.is_contiguous():
+            g = g.contiguous()
+        d_x = d_weight = None
+        if ctx.needs_input_grad[0]:
+            d_x = gemm_kernel.grad_input(g, weight, torch.empty(g.shape[0], C, dtype=torch.float32, device="cpu"))
+            d_x = d_x.view(*ctx.lead, C)
+        if ctx.needs_input_grad[1]:
+            scratch = torch.empty(max(1, gemm_kernel.weight_scratch_floats(V, C)), dtype=torch.float32, device="cpu")
+            d_weight = gemm_kernel.grad_weight(g, rows, scratch)
+        return d_x, d_weight
+
+
+def lm_head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model.lm_head(x)`` for the fused trunk's output x (B, T, C): through the gemm kernel when the
+    head is a plain bias-free nn.Linear with a trainable CPU float32 weight (GPT's, tied to the token
+    table or not) and the kernel is available, else the module itself."""
+    head = model._modules["lm_head"]
+    if type(head) is nn.Linear and _untouched(head) and head._parameters.get("bias") is None and gemm_kernel.available():
+        weight = head._parameters["weight"]
+        if _trainable_cpu_float(weight) and weight.shape[1] == x.shape[-1]:
+            return _LMHead.apply(x, weight)
+    return head(x)

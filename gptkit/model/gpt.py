@@ -113,7 +113,7 @@ class GPT(nn.Module):
                 # CPU float32 training: embeddings, blocks and final norm as one autograd
                 # node with fused kernels (the same numbers, faster steps); see fused_trunk.py.
                 x = fused_trunk.run(self, tokens, fused)
-                return self.lm_head(x[:, -1:, :] if last_only else x)
+                return fused_trunk.lm_head(self, x[:, -1:, :] if last_only else x)
 
         x = self.token_embedding(tokens)  # (B, T, C)
         if self.position_embedding is not None:

@@ -111,7 +111,8 @@ def test_without_the_kernel_the_torch_ops_compute_the_same(monkeypatch: pytest.M
 @needs_kernel
 def test_the_fused_trunk_runs_its_products_through_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """A training step of the fused trunk: per block 4 forward products (the MLP's up projection with
-    its GELU), 4 input gradients (the down projection's through the GELU) and 4 weight gradients."""
+    its GELU), 4 input gradients (the down projection's through the GELU) and 4 weight gradients;
+    then the LM head's forward and its two gradients."""
     library = gemm_kernel._library()
     names = ("gemm_nt", "gemm_nt_gelu", "gemm_nn", "gemm_nn_gelu_backward", "gemm_tn")
     counts = {name: Calls(monkeypatch, library, name, allowed=True, forbidden="") for name in names}
@@ -120,9 +121,10 @@ def test_the_fused_trunk_runs_its_products_through_the_kernel(monkeypatch: pytes
     tokens = torch.randint(0, 50, (2, 16))
     assert fused_trunk.applies(model, tokens)
     model(tokens).sum().backward()
-    # per block: qkv, out and down forward, up with its GELU; the same backward; four weight gradients
+    # per block: qkv, out and down forward, up with its GELU; the same backward; four weight
+    # gradients; and the LM head's three products
     assert {name: calls.count for name, calls in counts.items()} == {
-        "gemm_nt": 9, "gemm_nt_gelu": 3, "gemm_nn": 9, "gemm_nn_gelu_backward": 3, "gemm_tn": 12,
+        "gemm_nt": 9 + 1, "gemm_nt_gelu": 3, "gemm_nn": 9 + 1, "gemm_nn_gelu_backward": 3, "gemm_tn": 12 + 1,
     }
 
 
@@ -199,3 +201,42 @@ def test_the_weight_gradient_split_over_rows_equals_float64(threads: int, M: int
     finally:
         torch.set_num_threads(saved)
     assert gemm_kernel.weight_scratch_floats(N, K, threads=3) == 2 * N * K
+
+
+@needs_kernel
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("last_only", [False, True])
+def test_the_lm_head_after_the_fused_trunk_matches_the_module(monkeypatch: pytest.MonkeyPatch, tie: bool,
+                                                                 last_only: bool) -> None:
+    """The head's logits and both gradients through the kernel equal nn.Linear's, tied to the token
+    table or not, for the whole sequence or its last position (a strided slice of a batch)."""
+    config = ModelConfig(n_layer=2, n_head=2, d_model=24, block_size=16, vocab_size=37, dropout=0.0,
+                         tie_embeddings=tie)
+    torch.manual_seed(1)
+    model = GPT(config).train()
+    reference = GPT(config).train()
+    reference.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 37, (3, 16), generator=torch.Generator().manual_seed(2))
+    calls = Calls(monkeypatch, fused_trunk._LMHead, "apply", allowed=True, forbidden="")
+    logits = model(tokens, last_only=last_only)
+    assert calls.count == 1
+    with fused_trunk.unfused():
+        want = reference(tokens, last_only=last_only)
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3))
+    (logits * weights).sum().backward()
+    (want * weights).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@needs_kernel
+def test_a_frozen_lm_head_stays_with_the_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=8, vocab_size=20, dropout=0.0, tie_embeddings=False)
+    model = GPT(config).train()
+    model.lm_head.weight.requires_grad_(False)
+    Calls(monkeypatch, fused_trunk._LMHead, "apply", allowed=False, forbidden="the kernel took a frozen head")
+    tokens = torch.randint(0, 20, (2, 8))
+    assert fused_trunk.applies(model, tokens)
+    model(tokens).sum().backward()
+    assert model.lm_head.weight.grad is None and model.token_embedding.weight.grad is not None
