@@ -7,6 +7,7 @@ the torch ops give the same results."""
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def _cpu_has_avx512() -> bool:
 
 def test_available_exactly_where_the_cpu_has_avx512() -> None:
     """On this machine (AVX-512) the kernel must build: a test run here cannot skip past it."""
-    assert gemm_kernel.available() is _cpu_has_avx512()
+    switched_off = os.environ.get("GPTKIT_CPU_KERNELS", "1") == "0"
+    assert gemm_kernel.available() is (_cpu_has_avx512() and not switched_off)
 
 
 needs_kernel = pytest.mark.skipif(not gemm_kernel.available(), reason="the gemm kernel needs AVX-512")
@@ -240,3 +242,26 @@ def test_a_frozen_lm_head_stays_with_the_module(monkeypatch: pytest.MonkeyPatch)
     assert fused_trunk.applies(model, tokens)
     model(tokens).sum().backward()
     assert model.lm_head.weight.grad is None and model.token_embedding.weight.grad is not None
+
+
+def test_without_the_kernel_the_fused_trunk_still_matches_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU without AVX-512: the trunk's products go to torch.mm and the GELU to block.c's kernels,
+    the LM head to nn.Linear; losses and gradients as the modules give them."""
+    monkeypatch.setattr(gemm_kernel, "_library", lambda: None)
+    fused_trunk.release_arenas()  # arenas made with the kernel hold its scratch; start without
+    config = ModelConfig(n_layer=2, n_head=2, d_model=24, block_size=16, vocab_size=37, dropout=0.0)
+    torch.manual_seed(4)
+    model, reference = GPT(config).train(), GPT(config).train()
+    reference.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 37, (3, 16), generator=torch.Generator().manual_seed(5))
+    Calls(monkeypatch, fused_trunk._LMHead, "apply", allowed=False, forbidden="the kernel's LM head ran without it")
+    assert fused_trunk.applies(model, tokens)
+    loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+    loss.backward()
+    with fused_trunk.unfused():
+        want = torch.nn.functional.cross_entropy(reference(tokens).flatten(0, 1), tokens.flatten())
+        want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    fused_trunk.release_arenas()
