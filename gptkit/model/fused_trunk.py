@@ -672,13 +672,20 @@ class _LMHead(torch.autograd.Function):
         return d_x, d_weight
 
 
+# The kernel's forward lays the head's weight out in panels first, a copy of it made at every step:
+# up to this size (16 MB: a 32k x 128 vocabulary table) that copy is small next to the product.
+# GPT-2's 50257 x 768 table would be a 154 MB copy per step; such heads stay with nn.Linear (MKL).
+MAX_HEAD_PACK_FLOATS = 4 << 20
+
+
 def lm_head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``model.lm_head(x)`` for the fused trunk's output x (B, T, C): through the gemm kernel when the
     head is a plain bias-free nn.Linear with a trainable CPU float32 weight (GPT's, tied to the token
-    table or not) and the kernel is available, else the module itself."""
+    table or not) of at most MAX_HEAD_PACK_FLOATS, and the kernel is available; else the module."""
     head = model._modules["lm_head"]
     if type(head) is nn.Linear and _untouched(head) and head._parameters.get("bias") is None and gemm_kernel.available():
         weight = head._parameters["weight"]
-        if _trainable_cpu_float(weight) and weight.shape[1] == x.shape[-1]:
+        if (_trainable_cpu_float(weight) and weight.shape[1] == x.shape[-1]
+                and gemm_kernel.pack_floats(*weight.shape) <= MAX_HEAD_PACK_FLOATS):
             return _LMHead.apply(x, weight)
     return head(x)

@@ -265,3 +265,16 @@ def test_without_the_kernel_the_fused_trunk_still_matches_the_modules(monkeypatc
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     fused_trunk.release_arenas()
+
+
+@needs_kernel
+def test_a_large_vocabulary_head_stays_with_the_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above MAX_HEAD_PACK_FLOATS the kernel would copy the whole table every step: nn.Linear instead."""
+    monkeypatch.setattr(fused_trunk, "MAX_HEAD_PACK_FLOATS", gemm_kernel.pack_floats(20, 16) - 1)
+    Calls(monkeypatch, fused_trunk._LMHead, "apply", allowed=False, forbidden="the kernel took a head over the limit")
+    config = ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=8, vocab_size=20, dropout=0.0)
+    model = GPT(config).train()
+    tokens = torch.randint(0, 20, (2, 8))
+    assert fused_trunk.applies(model, tokens)
+    model(tokens).sum().backward()
+    assert model.token_embedding.weight.grad is not None
