@@ -527,6 +527,13 @@ class _FusedTrunk(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * len(block_params)
         st, sp = arena.scratch.t, arena.scratch.p
         partials = st.get("partials")  # the weight gradients' per-thread sums (with the gemm kernel)
+        if partials is not None:
+            # Sized for the thread count when the arena was made: if it has grown since, too little
+            # room would make gemm_tn sum in another order than a fresh arena would (other bits).
+            need = max(gemm_kernel.weight_scratch_floats(out, inp, threads) for out, inp in s.weight_shapes)
+            if partials.numel() < need:
+                partials = st["partials"] = torch.empty(need, dtype=torch.float32, device="cpu")
+                sp["partials"] = partials.data_ptr()
 
         def new(*size: int) -> torch.Tensor:
             return torch.empty(size, dtype=torch.float32, device="cpu")

@@ -198,8 +198,12 @@ def test_the_weight_gradient_split_over_rows_equals_float64(threads: int, M: int
     try:
         torch.set_num_threads(threads)
         enough = torch.full((max(1, gemm_kernel.weight_scratch_floats(N, K)),), float("nan"))
-        for scratch in (enough, torch.empty(1), None):
-            _close(gemm_kernel.grad_weight(grad_out, x, scratch), want, M)
+        results = [gemm_kernel.grad_weight(grad_out, x, scratch) for scratch in (enough, torch.empty(1), None)]
+        for got in results:
+            _close(got, want, M)
+        if threads > 1 and M == 768:  # the split ran: its sums are added in another order
+            assert not torch.equal(results[0], results[2])
+        assert torch.equal(results[1], results[2])  # too little room: the unsplit product
     finally:
         torch.set_num_threads(saved)
     assert gemm_kernel.weight_scratch_floats(N, K, threads=3) == 2 * N * K
@@ -244,6 +248,7 @@ def test_a_frozen_lm_head_stays_with_the_module(monkeypatch: pytest.MonkeyPatch)
     assert model.lm_head.weight.grad is None and model.token_embedding.weight.grad is not None
 
 
+@pytest.mark.skipif(os.environ.get("GPTKIT_CPU_KERNELS", "1") == "0", reason="the fused trunk needs its C kernels")
 def test_without_the_kernel_the_fused_trunk_still_matches_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CPU without AVX-512: the trunk's products go to torch.mm and the GELU to block.c's kernels,
     the LM head to nn.Linear; losses and gradients as the modules give them."""
@@ -278,3 +283,58 @@ def test_a_large_vocabulary_head_stays_with_the_module(monkeypatch: pytest.Monke
     assert fused_trunk.applies(model, tokens)
     model(tokens).sum().backward()
     assert model.token_embedding.weight.grad is not None
+
+
+_TEAM_CHECK = """
+import hashlib, torch
+from gptkit.model import gemm_kernel
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+grad_out, x = torch.randn(300, 40, generator=g), torch.randn(300, 24, generator=g)
+scratch = torch.empty(gemm_kernel.weight_scratch_floats(40, 24))
+print(hashlib.sha256(gemm_kernel.grad_weight(grad_out, x, scratch).numpy().tobytes()).hexdigest())
+"""
+
+
+@needs_kernel
+def test_the_weight_gradient_split_does_not_depend_on_the_team_openmp_gives() -> None:
+    """Split over the tokens for 2 threads, the sums are the same bits when OpenMP runs fewer
+    (OMP_DYNAMIC under load, OMP_THREAD_LIMIT): they may depend on the thread count, not on timing."""
+    import subprocess
+    import sys
+
+    def digest(**env: str) -> str:
+        return subprocess.run([sys.executable, "-c", _TEAM_CHECK], env={**os.environ, **env}, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    assert digest(OMP_THREAD_LIMIT="1") == digest()
+
+
+@needs_kernel
+def test_the_weight_gradients_do_not_depend_on_the_threads_the_arena_was_made_with() -> None:
+    """The pooled arena's room for partial sums, made at 1 thread, then a step at 2 threads: the same
+    bits as a step at 2 threads with a fresh arena (exact resume)."""
+    config = ModelConfig(n_layer=1, n_head=2, d_model=24, block_size=32, vocab_size=37, dropout=0.0)
+    tokens = torch.randint(0, 37, (2, 32), generator=torch.Generator().manual_seed(6))
+
+    def step() -> list[torch.Tensor]:
+        torch.manual_seed(6)
+        model = GPT(config).train()
+        assert fused_trunk.applies(model, tokens)
+        model(tokens).square().mean().backward()
+        return [p.grad for p in model.parameters()]
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fused_trunk.release_arenas()
+        fresh = step()
+        torch.set_num_threads(1)
+        fused_trunk.release_arenas()
+        step()
+        torch.set_num_threads(2)
+        after = step()
+    finally:
+        torch.set_num_threads(saved)
+        fused_trunk.release_arenas()
+    assert all(torch.equal(a, b) for a, b in zip(fresh, after))

@@ -295,17 +295,22 @@ int gemm_tn(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const 
         gemm_panels(M, N, K, A, lda, 1, B, NR, ldb, NULL, C, ldc, NULL, threads);
         return 0;
     }
+    /* The K rows are cut into `threads` parts whatever team OpenMP gives (fewer threads under
+     * OMP_DYNAMIC, OMP_THREAD_LIMIT or nesting): a smaller team computes several parts each, so the
+     * sums are the same bits as with the full team. */
     #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), team = omp_get_num_threads();  /* team <= threads */
-        int64_t k0 = K * t / team, k1 = K * (t + 1) / team;
-        float *part = t == 0 ? C : scratch + (t - 1) * M * N;
-        gemm_panels(M, N, k1 - k0, A + k0 * lda, lda, 1, B + k0 * ldb, NR, ldb, NULL, part, t == 0 ? ldc : N, NULL,
-                    1);
+        for (int part = t; part < threads; part += team) {
+            int64_t k0 = K * part / threads, k1 = K * (part + 1) / threads;
+            float *dst = part == 0 ? C : scratch + (part - 1) * M * N;
+            gemm_panels(M, N, k1 - k0, A + k0 * lda, lda, 1, B + k0 * ldb, NR, ldb, NULL, dst, part == 0 ? ldc : N,
+                        NULL, 1);
+        }
         #pragma omp barrier
         for (int64_t m = M * t / team; m < M * (t + 1) / team; m++) {
             float *restrict row = C + m * ldc;
-            for (int u = 1; u < team; u++) {
+            for (int u = 1; u < threads; u++) {
                 const float *restrict other = scratch + (u - 1) * M * N + m * N;
                 for (int64_t n = 0; n < N; n++) row[n] += other[n];
             }
