@@ -129,7 +129,8 @@ _SIGNATURES = (
     ("gelu_tanh_forward", (POINTER, POINTER, SIZE, THREADS)),
     ("gelu_tanh_backward", (POINTER, POINTER, POINTER, SIZE, THREADS)),
     ("linear_one_row", (POINTER, POINTER, POINTER, POINTER, SIZE, SIZE, THREADS)),
-    ("linear_blocked8", (POINTER, POINTER, POINTER, POINTER, SIZE, SIZE, SIZE, THREADS)),
+    ("linear_blocked", (POINTER, POINTER, POINTER, POINTER, SIZE, SIZE, SIZE, THREADS)),
+    ("linear_blocked_width", (), ctypes.c_int),
 )
 
 
@@ -234,8 +235,9 @@ class OneRowLinear:
 
 class FewRowsLinear:
     """``F.linear(x, weight, bias)`` for inputs of 2 to 8 rows (a decode step at a small batch),
-    on a copy of the weight in a blocked layout, (ceil(out / 8), in, 8), made once: every weight is
-    read from memory once per call, for all rows together. Inference only (no autograd).
+    on a copy of the weight in a blocked layout, (ceil(out / w), in, w) with w = 16 floats on CPUs
+    with AVX-512, else 8 (the kernel's vector width), made once: every weight is read from memory
+    once per call, for all rows together. Inference only (no autograd).
 
     x (..., in) with 2..8 rows in all -> (..., out).
     """
@@ -244,13 +246,14 @@ class FewRowsLinear:
 
     def __init__(self, library: ctypes.CDLL, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.out_features, self.in_features = weight.shape
-        blocks = -(-self.out_features // 8)
-        padded = torch.zeros(blocks * 8, self.in_features, dtype=torch.float32, device="cpu")
+        width = library.linear_blocked_width()
+        blocks = -(-self.out_features // width)
+        padded = torch.zeros(blocks * width, self.in_features, dtype=torch.float32, device="cpu")
         padded[: self.out_features] = weight
-        # (blocks, 8, in) -> (blocks, in, 8): block b holds output columns 8b..8b+7 per input feature.
-        self.blocked_weight = padded.view(blocks, 8, self.in_features).transpose(1, 2).contiguous()
+        # (blocks, w, in) -> (blocks, in, w): block b holds output columns wb..wb+w-1 per input feature.
+        self.blocked_weight = padded.view(blocks, width, self.in_features).transpose(1, 2).contiguous()
         self.bias = bias
-        self._kernel = library.linear_blocked8
+        self._kernel = library.linear_blocked
 
     @classmethod
     def for_linear(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> FewRowsLinear | None:
