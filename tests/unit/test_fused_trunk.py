@@ -444,3 +444,35 @@ def test_rope_gradient_is_the_transpose_for_any_tables() -> None:
     for (name, p), q in zip(fused.named_parameters(), modules.parameters()):
         scale = q.grad.abs().max().item() + 1e-12
         assert (p.grad - q.grad).abs().max().item() <= 2e-5 * scale, name
+
+
+_TEAM_CHECK = """
+import hashlib, torch
+from gptkit.model import GPT, ModelConfig, fused_trunk
+torch.set_num_threads(2)
+digest = hashlib.sha256()
+for extra in ({}, {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=4, d_model=32, block_size=40, vocab_size=61, dropout=0.0, **extra)).train()
+    tokens = torch.randint(0, 61, (4, 40), generator=torch.Generator().manual_seed(1))
+    assert fused_trunk.applies(model, tokens)
+    model(tokens).square().mean().backward()
+    for p in model.parameters():
+        digest.update(p.grad.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_gradients_do_not_depend_on_the_team_openmp_gives() -> None:
+    """Asked for 2 threads, the fused trunk's gradients are the same bits when OpenMP runs a smaller
+    team (OMP_THREAD_LIMIT here; OMP_DYNAMIC does so under load): the row kernels' and the gemm
+    kernel's column sums are split by the threads asked for (exact resume relies on it)."""
+    import os
+    import subprocess
+    import sys
+
+    def digest(**env: str) -> str:
+        return subprocess.run([sys.executable, "-c", _TEAM_CHECK], env={**os.environ, **env}, check=True,
+                              capture_output=True, text=True, timeout=120).stdout.strip()
+
+    assert digest(OMP_THREAD_LIMIT="1") == digest()

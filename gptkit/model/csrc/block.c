@@ -12,9 +12,10 @@
  *   bias_gelu_forward      g = gelu(h + bias), and h replaced by gelu'(h + bias) for the backward
  *   gelu_backward_colsum   dh = gelu' dg, and the column sums of dh (the bias gradient)
  *
- * Matrices are row-major (N rows of C floats). Column sums are accumulated per thread over a
- * contiguous share of the rows and added up in thread order, so the result depends only on the
- * number of threads, like ATen's reductions. Functions that need scratch memory return 1 when it
+ * Matrices are row-major (N rows of C floats). Column sums are accumulated per share of the rows,
+ * one contiguous share per thread asked for (FOR_EACH_SHARE), and added up in share order, so the
+ * result depends only on the number of threads asked for (like ATen's reductions), not on the team
+ * OpenMP gives. Functions that need scratch memory return 1 when it
  * cannot be allocated (nothing is then written to the sums), else 0.
  */
 #include <stdlib.h>
@@ -38,13 +39,16 @@ static inline float row_sum(const float *v, int64_t n) {
     return s;
 }
 
-/* The rows [first, last) that this thread of the team handles: contiguous shares, fixed by the
- * team's size and the thread's number. */
-static inline void share(int64_t N, int64_t *first, int64_t *last) {
-    int64_t t = omp_get_thread_num(), team = omp_get_num_threads();
-    *first = N * t / team;
-    *last = N * (t + 1) / team;
-}
+/* The shares of the rows, one per thread asked for: share `part` of `parts` is rows
+ * [N part / parts, N (part + 1) / parts). Thread t of the team OpenMP gives takes shares t, t + team,
+ * ...: with the full team, its own contiguous share (the rows the gemm and attention kernels give it
+ * too); with a smaller one (OMP_DYNAMIC, OMP_THREAD_LIMIT, nesting), several, so that the split and
+ * every sum over it stay the same bits. Runs the statement after it once per share, with part,
+ * first and last set. */
+#define FOR_EACH_SHARE(N, parts, part, first, last)                                                    \
+    for (int part = omp_get_thread_num(); part < (parts); part += omp_get_num_threads())                \
+        for (int64_t first = (N) * part / (parts), last = (N) * (part + 1) / (parts), once_ = 1; once_;  \
+             once_ = 0)
 
 /* The per-thread partial sums (threads x count floats) added in thread order into out[0..count-1]. */
 static void reduce_partials(const float *partial, int threads, int64_t count, float *out) {
@@ -135,46 +139,45 @@ int layer_norm_backward(const float *restrict da, const float *restrict xn, cons
     if (!partial) return 1;
     #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int t = omp_get_thread_num();  /* < threads: a team is never larger than asked */
-        int64_t first, last;
-        share(N, &first, &last);
-        float *restrict pw = partial + (int64_t)t * 3 * C;
-        float *restrict pb = pw + C, *restrict pc = pb + C;
-        for (int64_t i = first; i < last; i++) {
-            const float *dar = da + i * C, *xr = xn + i * C;
-            const float mu = center ? mean[i] : 0.0f, r = rstd[i];
-            v8f sg = {0}, sgx = {0};
-            int64_t j = 0;
-            for (; j + 8 <= C; j += 8) {
-                v8f g = load8(dar + j) * load8(w + j), xh = (load8(xr + j) - mu) * r;
-                sg += g;
-                sgx += g * xh;
-            }
-            float sum_g = sum8(sg), sum_gx = sum8(sgx);
-            for (; j < C; j++) {
-                float g = dar[j] * w[j];
-                sum_g += g;
-                sum_gx += g * (xr[j] - mu) * r;
-            }
-            const float mg = center ? sum_g / (float)C : 0.0f, mgx = sum_gx / (float)C;  /* RMSNorm: no mean(g) */
-            const float *dresr = dres ? dres + i * C : NULL;
-            float *dxr = dx + i * C;
-            for (j = 0; j + 8 <= C; j += 8) {
-                v8f d8 = load8(dar + j), xh = (load8(xr + j) - mu) * r;
-                v8f d = r * (d8 * load8(w + j) - mg - xh * mgx);
-                if (dresr) d += load8(dresr + j);
-                put8(dxr + j, d);
-                put8(pw + j, load8(pw + j) + d8 * xh);
-                put8(pb + j, load8(pb + j) + d8);
-                put8(pc + j, load8(pc + j) + d);
-            }
-            for (; j < C; j++) {
-                float xh = (xr[j] - mu) * r;
-                float d = r * (dar[j] * w[j] - mg - xh * mgx) + (dresr ? dresr[j] : 0.0f);
-                dxr[j] = d;
-                pw[j] += dar[j] * xh;
-                pb[j] += dar[j];
-                pc[j] += d;
+        FOR_EACH_SHARE(N, threads, part, first, last) {
+            float *restrict pw = partial + (int64_t)part * 3 * C;
+            float *restrict pb = pw + C, *restrict pc = pb + C;
+            for (int64_t i = first; i < last; i++) {
+                const float *dar = da + i * C, *xr = xn + i * C;
+                const float mu = center ? mean[i] : 0.0f, r = rstd[i];
+                v8f sg = {0}, sgx = {0};
+                int64_t j = 0;
+                for (; j + 8 <= C; j += 8) {
+                    v8f g = load8(dar + j) * load8(w + j), xh = (load8(xr + j) - mu) * r;
+                    sg += g;
+                    sgx += g * xh;
+                }
+                float sum_g = sum8(sg), sum_gx = sum8(sgx);
+                for (; j < C; j++) {
+                    float g = dar[j] * w[j];
+                    sum_g += g;
+                    sum_gx += g * (xr[j] - mu) * r;
+                }
+                const float mg = center ? sum_g / (float)C : 0.0f, mgx = sum_gx / (float)C;  /* RMSNorm: no mean(g) */
+                const float *dresr = dres ? dres + i * C : NULL;
+                float *dxr = dx + i * C;
+                for (j = 0; j + 8 <= C; j += 8) {
+                    v8f d8 = load8(dar + j), xh = (load8(xr + j) - mu) * r;
+                    v8f d = r * (d8 * load8(w + j) - mg - xh * mgx);
+                    if (dresr) d += load8(dresr + j);
+                    put8(dxr + j, d);
+                    put8(pw + j, load8(pw + j) + d8 * xh);
+                    put8(pb + j, load8(pb + j) + d8);
+                    put8(pc + j, load8(pc + j) + d);
+                }
+                for (; j < C; j++) {
+                    float xh = (xr[j] - mu) * r;
+                    float d = r * (dar[j] * w[j] - mg - xh * mgx) + (dresr ? dresr[j] : 0.0f);
+                    dxr[j] = d;
+                    pw[j] += dar[j] * xh;
+                    pb[j] += dar[j];
+                    pc[j] += d;
+                }
             }
         }
     }
@@ -223,21 +226,20 @@ int gelu_backward_colsum(const float *restrict dg, const float *restrict gelu_gr
     if (dcol && !partial) return 1;
     #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int t = omp_get_thread_num();
-        int64_t first, last;
-        share(N, &first, &last);
-        float *restrict pc = partial ? partial + (int64_t)t * C : NULL;
-        for (int64_t i = first; i < last; i++) {
-            const float *restrict dgr = dg + i * C, *restrict dr = gelu_grad + i * C;
-            float *restrict dhr = dh + i * C;
-            if (pc) {
-                for (int64_t j = 0; j < C; j++) {
-                    float v = dgr[j] * dr[j];
-                    dhr[j] = v;
-                    pc[j] += v;
+        FOR_EACH_SHARE(N, threads, part, first, last) {
+            float *restrict pc = partial ? partial + (int64_t)part * C : NULL;
+            for (int64_t i = first; i < last; i++) {
+                const float *restrict dgr = dg + i * C, *restrict dr = gelu_grad + i * C;
+                float *restrict dhr = dh + i * C;
+                if (pc) {
+                    for (int64_t j = 0; j < C; j++) {
+                        float v = dgr[j] * dr[j];
+                        dhr[j] = v;
+                        pc[j] += v;
+                    }
+                } else {
+                    for (int64_t j = 0; j < C; j++) dhr[j] = dgr[j] * dr[j];
                 }
-            } else {
-                for (int64_t j = 0; j < C; j++) dhr[j] = dgr[j] * dr[j];
             }
         }
     }
@@ -255,13 +257,12 @@ int column_sum(const float *restrict x, float *restrict out, int64_t N, int64_t 
     if (!partial) return 1;
     #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int t = omp_get_thread_num();
-        int64_t first, last;
-        share(N, &first, &last);
-        float *restrict pc = partial + (int64_t)t * C;
-        for (int64_t i = first; i < last; i++) {
-            const float *restrict xr = x + i * C;
-            for (int64_t j = 0; j < C; j++) pc[j] += xr[j];
+        FOR_EACH_SHARE(N, threads, part, first, last) {
+            float *restrict pc = partial + (int64_t)part * C;
+            for (int64_t i = first; i < last; i++) {
+                const float *restrict xr = x + i * C;
+                for (int64_t j = 0; j < C; j++) pc[j] += xr[j];
+            }
         }
     }
     reduce_partials(partial, threads, C, out);
@@ -333,20 +334,19 @@ int swiglu_backward(const float *restrict dg, const float *restrict up, float *r
     if (dcol && !partial) return 1;
     #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int t = omp_get_thread_num();
-        int64_t first, last;
-        share(N, &first, &last);
-        float *restrict pc = partial ? partial + (int64_t)t * 2 * F : NULL;
-        for (int64_t i = first; i < last; i++) {
-            const float *restrict gate = up + i * 2 * F, *restrict u = gate + F, *restrict d = dg + i * F;
-            float *restrict dgate = dup + i * 2 * F, *restrict du = dgate + F;
-            for (int64_t j = 0; j < F; j++) {
-                float x = gate[j], s = 1.0f / (1.0f + exp_approx(-x));
-                dgate[j] = d[j] * u[j] * s * (1.0f + x * (1.0f - s));
-                du[j] = d[j] * x * s;
-            }
-            if (pc) {
-                for (int64_t j = 0; j < 2 * F; j++) pc[j] += dgate[j];
+        FOR_EACH_SHARE(N, threads, part, first, last) {
+            float *restrict pc = partial ? partial + (int64_t)part * 2 * F : NULL;
+            for (int64_t i = first; i < last; i++) {
+                const float *restrict gate = up + i * 2 * F, *restrict u = gate + F, *restrict d = dg + i * F;
+                float *restrict dgate = dup + i * 2 * F, *restrict du = dgate + F;
+                for (int64_t j = 0; j < F; j++) {
+                    float x = gate[j], s = 1.0f / (1.0f + exp_approx(-x));
+                    dgate[j] = d[j] * u[j] * s * (1.0f + x * (1.0f - s));
+                    du[j] = d[j] * x * s;
+                }
+                if (pc) {
+                    for (int64_t j = 0; j < 2 * F; j++) pc[j] += dgate[j];
+                }
             }
         }
     }
