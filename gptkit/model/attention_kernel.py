@@ -20,7 +20,9 @@ import math
 import torch
 from torch.autograd import forward_ad
 
-from gptkit.model.cpu_kernels import POINTER, SIZE, THREADS, _eager, _plain_cpu_float, _readable, load_library
+from gptkit.model.cpu_kernels import (
+    POINTER, SIZE, THREADS, _address, _eager, _plain_cpu_float, _readable, load_library,
+)
 
 # Longest sequence the kernel takes: each thread holds two T x T float32 matrices in the backward
 # (2 MiB at T=512), which must stay near the core. Measured on the 2-core test machine, forward +
@@ -58,10 +60,6 @@ def _library() -> ctypes.CDLL | None:
 def _check(status: int) -> None:
     if status != 0:
         raise MemoryError("gptkit's attention kernel could not allocate its per-thread scratch memory")
-
-
-def _address(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def available() -> bool:

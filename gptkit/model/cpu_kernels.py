@@ -227,7 +227,7 @@ class OneRowLinear:
         y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32, device="cpu")
         # Pointers are read on every call: the weight's memory can move (share_memory(), .to()).
         self._kernel(
-            x.data_ptr(), self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
+            x.data_ptr(), self.weight.data_ptr(), _address(self.bias), y.data_ptr(),
             self.in_features, self.out_features, torch.get_num_threads(),
         )
         return y
@@ -275,10 +275,15 @@ class FewRowsLinear:
         rows = x.numel() // self.in_features
         y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32, device="cpu")
         self._kernel(
-            x.data_ptr(), self.blocked_weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
+            x.data_ptr(), self.blocked_weight.data_ptr(), _address(self.bias),
             y.data_ptr(), rows, self.in_features, self.out_features, torch.get_num_threads(),
         )
         return y
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    """A tensor's data pointer for a kernel argument, or None (NULL) for an absent optional one."""
+    return None if t is None else t.data_ptr()
 
 
 def _plain_cpu_float(t: torch.Tensor) -> bool:

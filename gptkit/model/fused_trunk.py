@@ -47,8 +47,7 @@ from torch import nn
 from torch.nn.modules import module as _module_globals
 
 from gptkit.model import attention_kernel, gemm_kernel
-from gptkit.model.attention_kernel import _address
-from gptkit.model.cpu_kernels import POINTER, SIZE, THREADS, _eager, load_library
+from gptkit.model.cpu_kernels import POINTER, SIZE, THREADS, _address, _eager, load_library
 from gptkit.model.layers import MLP, AttentionContext, Block, CausalSelfAttention, LayerNorm, RMSNorm, RotaryEmbedding
 
 _FLOAT = ctypes.c_float
@@ -346,8 +345,9 @@ class _Arena:
     needs) and g (GELU of h + bias). Then the last residual with the final norm's mean and 1/std.
     Scratch for the backward: dg, dh, da, dxn, dy,
     dqkv, and dx0 / dx1, the gradient flowing down, alternating between layers; with the gemm
-    kernel, pack: room to lay out the largest weight for its forward product, and partials: room
-    for the weight gradients' per-thread partial sums."""
+    kernel, pack: room to lay out the largest weight for its forward product. The weight
+    gradients' per-thread partial sums get their room from ``weight_grad_scratch`` (it depends on
+    the thread count at the time of the backward)."""
 
     def __init__(self, s: _Shape) -> None:
         N, C, width = s.B * s.T, s.C, s.H * s.D
@@ -364,10 +364,21 @@ class _Arena:
         self.scratch = _Buffers({
             "dg": (N, s.hidden), "dh": (N, s.up), "da": (N, C), "dxn": (N, C), "dy": (N, width),
             "dqkv": (N, s.qkv), "dx0": (N, C), "dx1": (N, C),
-            **({"pack": (max(gemm_kernel.pack_floats(out, inp) for out, inp in s.weight_shapes),),
-                "partials": (max(1, max(gemm_kernel.weight_scratch_floats(out, inp) for out, inp in s.weight_shapes)),)}
+            **({"pack": (max(gemm_kernel.pack_floats(out, inp) for out, inp in s.weight_shapes),)}
                if gemm_kernel.available() else {}),
         })
+        self.partials: torch.Tensor | None = None
+
+    def weight_grad_scratch(self, s: _Shape, threads: int) -> torch.Tensor | None:
+        """Room for gemm_kernel.grad_weight's per-thread partial sums at this thread count, grown when
+        it has grown (too little room would make the sums run in another order than a fresh arena's:
+        other bits), or None without the gemm kernel."""
+        if not gemm_kernel.available():
+            return None
+        need = max(1, max(gemm_kernel.weight_scratch_floats(out, inp, threads) for out, inp in s.weight_shapes))
+        if self.partials is None or self.partials.numel() < need:
+            self.partials = torch.empty(need, dtype=torch.float32, device="cpu")
+        return self.partials
 
 
 _pool: OrderedDict[_Shape, list[_Arena]] = OrderedDict()
@@ -526,14 +537,7 @@ class _FusedTrunk(torch.autograd.Function):
 
         grads: list[torch.Tensor | None] = [None] * len(block_params)
         st, sp = arena.scratch.t, arena.scratch.p
-        partials = st.get("partials")  # the weight gradients' per-thread sums (with the gemm kernel)
-        if partials is not None:
-            # Sized for the thread count when the arena was made: if it has grown since, too little
-            # room would make gemm_tn sum in another order than a fresh arena would (other bits).
-            need = max(gemm_kernel.weight_scratch_floats(out, inp, threads) for out, inp in s.weight_shapes)
-            if partials.numel() < need:
-                partials = st["partials"] = torch.empty(need, dtype=torch.float32, device="cpu")
-                sp["partials"] = partials.data_ptr()
+        partials = arena.weight_grad_scratch(s, threads)
 
         def new(*size: int) -> torch.Tensor:
             return torch.empty(size, dtype=torch.float32, device="cpu")
@@ -638,6 +642,13 @@ def run(model: nn.Module, tokens: torch.Tensor, params: list[torch.Tensor | None
 # ---------------------------------------------------------------------------------- the LM head
 
 
+def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """t (..., width) as a contiguous (rows, width) matrix (a copy only when it is not one already,
+    e.g. x[:, -1:] of a batch)."""
+    rows = t.reshape(-1, width)
+    return rows if rows.is_contiguous() else rows.contiguous()
+
+
 class _LMHead(torch.autograd.Function):
     """logits (B, T, V) = x (B, T, C) @ weight (V, C)^T through the gemm kernel, forward and backward:
     what the (bias-free, usually tied) LM head Linear computes after the fused trunk."""
@@ -645,9 +656,7 @@ class _LMHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         *lead, C = x.shape
-        rows = x.reshape(-1, C)
-        if not rows.is_contiguous():  # x[:, -1:] (last_only) of a batch
-            rows = rows.contiguous()
+        rows = _rows(x, C)
         V = weight.shape[0]
         logits = torch.empty(rows.shape[0], V, dtype=torch.float32, device="cpu")
         pack = torch.empty(gemm_kernel.pack_floats(V, C), dtype=torch.float32, device="cpu")
@@ -660,15 +669,10 @@ class _LMHead(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         V, C = weight.shape
-        rows = x.reshape(-1, C)
         if torch.is_grad_enabled() or not torch._C._has_storage(grad):  # double backward, batched gradients
             g = grad.reshape(-1, V)
-            return (g @ weight).view(*ctx.lead, C), g.t() @ rows
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
-        g = grad.reshape(-1, V)
-        if not g.is_contiguous():
-            g = g.contiguous()
+            return (g @ weight).view(*ctx.lead, C), g.t() @ x.reshape(-1, C)
+        rows, g = _rows(x, C), _rows(grad, V)
         d_x = d_weight = None
         if ctx.needs_input_grad[0]:
             d_x = gemm_kernel.grad_input(g, weight, torch.empty(g.shape[0], C, dtype=torch.float32, device="cpu"))

@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from gptkit.model.cpu_kernels import POINTER, SIZE, THREADS, load_library
+from gptkit.model.cpu_kernels import POINTER, SIZE, THREADS, _address, load_library
 
 # The kernel reads one operand of each gradient product in place with a large stride: the weight's
 # rows for the input gradient, the output gradient's columns for the weight gradient. Up to this
@@ -78,7 +78,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
         return torch.addmm(bias, x, weight.t(), out=out) if bias is not None else torch.mm(x, weight.t(), out=out)
     M, K = x.shape
     N = weight.shape[0]
-    _check(library.gemm_nt(M, N, K, x.data_ptr(), K, weight.data_ptr(), K, None if bias is None else bias.data_ptr(),
+    _check(library.gemm_nt(M, N, K, x.data_ptr(), K, weight.data_ptr(), K, _address(bias),
                            out.data_ptr(), N, pack.data_ptr(), torch.get_num_threads()))
     return out
 
@@ -106,7 +106,7 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, scratch: torch.Tensor |
     K = x.shape[1]
     out = torch.empty(N, K, dtype=torch.float32)
     _check(library.gemm_tn(N, K, M, grad_out.data_ptr(), N, x.data_ptr(), K, out.data_ptr(), K,
-                           None if scratch is None else scratch.data_ptr(), 0 if scratch is None else scratch.numel(),
+                           _address(scratch), 0 if scratch is None else scratch.numel(),
                            torch.get_num_threads()))
     return out
 
@@ -132,7 +132,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     assert library is not None
     M, K = x.shape
     N = weight.shape[0]
-    _check(library.gemm_nt_gelu(M, N, K, x.data_ptr(), K, weight.data_ptr(), K, None if bias is None else bias.data_ptr(),
+    _check(library.gemm_nt_gelu(M, N, K, x.data_ptr(), K, weight.data_ptr(), K, _address(bias),
                                 h.data_ptr(), g.data_ptr(), pack.data_ptr(), torch.get_num_threads()))
 
 
@@ -147,4 +147,4 @@ def grad_input_gelu(grad_out: torch.Tensor, down_weight: torch.Tensor, gelu_grad
     H = down_weight.shape[1]
     _check(library.gemm_nn_gelu_backward(M, H, C, grad_out.data_ptr(), C, down_weight.data_ptr(), H,
                                          gelu_grad.data_ptr(), out.data_ptr(),
-                                         None if bias_grad is None else bias_grad.data_ptr(), torch.get_num_threads()))
+                                         _address(bias_grad), torch.get_num_threads()))
